@@ -1,0 +1,130 @@
+"""Multi-head self-attention with the attention-map fixes as options, and CaiT's class attention.
+
+One `Attention` serves every ViT family; each fix is a small, optional step on the attention map A:
+
+  logits = q k^T * scale                                   (B, H, N, N)
+  [talking heads]  logits <- proj_l over heads             CaiT (pre-softmax head mixing)
+  A = softmax(logits)  (float32)
+  [talking heads]  A <- proj_w over heads                  CaiT (post-softmax head mixing)
+  attn_drop(A)
+  [re-attention]   A <- BN_heads(Theta A) * r              DeepViT (after softmax and attn_drop)
+  [AttnScale]      A <- A_LP + (1 + lamb_h) (A - A_LP)     Anti-oversmoothing, A_LP = 1/N
+  out = proj(A v)
+
+AttnScale never materialises A when nothing else needs it: A_hat v = (1 + lamb) A v - lamb * mean_tokens(v),
+so a fused attention kernel stays usable (`jax.nn.dot_product_attention`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vit_jax_fix.models import layers
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, qkv_bias: bool = True,
+               qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+               talking_heads: bool = False, attn_scale: bool = False, reattention: bool = False,
+               reattention_scale: bool = False, dtype=None, precision=None):
+    if dim % num_heads:
+      raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.head_dim = dim // num_heads
+    self.scale = qk_scale or self.head_dim ** -0.5
+    self.dtype = dtype
+    self.precision = precision
+    self.talking_heads = talking_heads
+    self.reattention = reattention
+    # DeepViT's `transform_scale`: multiply the normalised map by the attention scale.
+    self.reattention_scale = self.scale if reattention_scale else 1.0
+    if attn_scale:
+      self.lamb = nnx.Param(jnp.zeros((num_heads,), jnp.float32))
+    else:
+      self.lamb = nnx.data(None)
+    if reattention:
+      init = layers.torch_default_uniform(num_heads)
+      self.reatten_matrix = nnx.Conv(num_heads, num_heads, (1, 1), kernel_init=init, bias_init=init,
+                                     precision=precision, rngs=rngs)
+      self.var_norm = layers.batch_norm(num_heads, rngs=rngs)
+    self.qkv = layers.linear(dim, 3 * dim, use_bias=qkv_bias, rngs=rngs, dtype=dtype, precision=precision)
+    if talking_heads:
+      self.proj_l = layers.linear(num_heads, num_heads, rngs=rngs, precision=precision)
+      self.proj_w = layers.linear(num_heads, num_heads, rngs=rngs, precision=precision)
+    self.proj = layers.linear(dim, dim, rngs=rngs, dtype=dtype, precision=precision)
+    self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs)
+    self.proj_drop = nnx.Dropout(proj_drop, rngs=rngs)
+
+  def _heads_mix(self, dense: nnx.Linear, a):
+    """Apply a Linear(H, H) over the head axis of (B, H, N, M)."""
+    return jnp.moveaxis(dense(jnp.moveaxis(a, 1, -1)), -1, 1)
+
+  def needs_map(self) -> bool:
+    """Whether the map A must be materialised (a fused kernel cannot express these fixes)."""
+    return self.talking_heads or self.reattention or self.attn_drop.rate > 0
+
+  def __call__(self, x, *, return_map: bool = False):
+    """x: (B, N, D). Returns (out, A) with A the post-softmax map (B, H, N, N) before re-attention and
+    AttnScale, in float32, or None when it was not asked for and not needed."""
+    b, n, d = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]          # (B, N, H, Dh)
+    lamb = None if self.lamb is None else self.lamb[...]
+
+    if not (return_map or self.needs_map()):
+      # Fused path: no map is materialised by the caller's code (XLA or cuDNN picks the kernel).
+      out = jax.nn.dot_product_attention(q, k, v, scale=self.scale)            # (B, N, H, Dh)
+      if lamb is not None:
+        lam = lamb.astype(out.dtype)[None, None, :, None]
+        out = (1 + lam) * out - lam * jnp.mean(v, axis=1, keepdims=True)
+      probs = None
+    else:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=self.precision) * self.scale
+      logits = logits.astype(jnp.float32)
+      if self.talking_heads:
+        logits = self._heads_mix(self.proj_l, logits)
+      probs = jax.nn.softmax(logits, axis=-1)
+      a = probs
+      if self.talking_heads:
+        a = self._heads_mix(self.proj_w, a)
+      a = self.attn_drop(a)
+      if self.reattention:
+        # Head mixing (1x1 conv over heads) and BatchNorm with the heads as channels.
+        a = jnp.moveaxis(a, 1, -1)                                # (B, N, N, H)
+        a = self.var_norm(self.reatten_matrix(a)) * self.reattention_scale
+        a = jnp.moveaxis(a, -1, 1)
+      if lamb is not None:
+        # A_hat = A_LP + (1 + lamb)(A - A_LP) with A_LP = 1/N over the keys of this attention.
+        lam = lamb[None, :, None, None]
+        a = (1 + lam) * a - lam / a.shape[-1]
+      out = jnp.einsum("bhqk,bkhd->bqhd", a.astype(v.dtype), v, precision=self.precision)
+    out = self.proj_drop(self.proj(out.reshape(b, n, d)))
+    return out, probs
+
+
+class ClassAttention(nnx.Module):
+  """CaiT class attention: only the class token queries; keys/values see [cls, patches]."""
+
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, qkv_bias: bool = True,
+               qk_scale: float | None = None, dtype=None, precision=None):
+    self.num_heads = num_heads
+    self.head_dim = dim // num_heads
+    self.scale = qk_scale or self.head_dim ** -0.5
+    self.precision = precision
+    self.q = layers.linear(dim, dim, use_bias=qkv_bias, rngs=rngs, dtype=dtype, precision=precision)
+    self.k = layers.linear(dim, dim, use_bias=qkv_bias, rngs=rngs, dtype=dtype, precision=precision)
+    self.v = layers.linear(dim, dim, use_bias=qkv_bias, rngs=rngs, dtype=dtype, precision=precision)
+    self.proj = layers.linear(dim, dim, rngs=rngs, dtype=dtype, precision=precision)
+
+  def __call__(self, u):
+    """u: (B, 1 + N, D) normalised [cls, patches]. Returns the class token update (B, 1, D) and the map."""
+    b, n, d = u.shape
+    q = self.q(u[:, :1]).reshape(b, 1, self.num_heads, self.head_dim)
+    k = self.k(u).reshape(b, n, self.num_heads, self.head_dim)
+    v = self.v(u).reshape(b, n, self.num_heads, self.head_dim)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * self.scale, k, precision=self.precision)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, precision=self.precision)
+    return self.proj(out.reshape(b, 1, d)), probs

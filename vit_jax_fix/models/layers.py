@@ -1,0 +1,146 @@
+"""Small building blocks shared by every model family.
+
+Conventions (see ../../README.md, "Numerics"):
+- Activations are NHWC / (B, N, D); parameters are float32; `dtype` is the compute dtype (e.g. bf16) that
+  reaches every matmul, while LayerNorm, BatchNorm and softmax always compute in float32.
+- Attribute names mirror the official PyTorch state_dict keys (`qkv`, `proj`, `fc1`, `norm1`, ...), so that
+  `vit_jax_fix.interop` converts weights by walking the module tree instead of keeping long name tables.
+- Initialisation follows the official code: Linear trunc_normal(0.02) with zero bias, LayerNorm (1, 0),
+  patch conv PyTorch's default uniform(+-1/sqrt(fan_in)).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+
+trunc_normal_02 = nnx.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+
+
+def torch_default_uniform(fan_in: int) -> Callable:
+  """PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def gelu(x):
+  """Exact (erf) GELU, as torch.nn.GELU(); flax's default is the tanh approximation."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype: Dtype = None, use_bias: bool = True,
+           kernel_init: Callable = trunc_normal_02, precision=None) -> nnx.Linear:
+  return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init,
+                    bias_init=nnx.initializers.zeros_init(), precision=precision, rngs=rngs)
+
+
+def layer_norm(dim: int, eps: float = 1e-6, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """LayerNorm in float32 with torch's two-pass variance (use_fast_variance=False) and explicit eps."""
+  return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32, use_fast_variance=False, rngs=rngs)
+
+
+def batch_norm(dim: int, *, rngs: nnx.Rngs, axis: int = -1, eps: float = 1e-5) -> nnx.BatchNorm:
+  """BatchNorm with torch's defaults: momentum 0.1 (flax 0.9), eps 1e-5, float32 statistics."""
+  return nnx.BatchNorm(dim, axis=axis, momentum=0.9, epsilon=eps, dtype=jnp.float32,
+                       use_fast_variance=False, rngs=rngs)
+
+
+def conv(din: int, dout: int, kernel: int, stride: int = 1, padding: int = 0, *, rngs: nnx.Rngs,
+         groups: int = 1, use_bias: bool = True, dtype: Dtype = None, kernel_init: Callable | None = None,
+         precision=None) -> nnx.Conv:
+  """A Conv2d with PyTorch's explicit symmetric padding (XLA 'SAME' pads stride-2 convs asymmetrically)."""
+  fan_in = din // groups * kernel * kernel
+  init = kernel_init or torch_default_uniform(fan_in)
+  return nnx.Conv(din, dout, (kernel, kernel), (stride, stride), padding=((padding, padding),) * 2,
+                  feature_group_count=groups, use_bias=use_bias, dtype=dtype, kernel_init=init,
+                  bias_init=torch_default_uniform(fan_in), precision=precision, rngs=rngs)
+
+
+class DropPath(nnx.Module):
+  """Stochastic depth per sample (timm semantics: kept samples are scaled by 1/(1-p))."""
+
+  def __init__(self, rate: float, *, rngs: nnx.Rngs):
+    self.rate = float(rate)
+    self.deterministic = False
+    # Only a module that drops anything owns an RNG stream (keeps eval-only models free of RNG state).
+    self.rngs = rngs["dropout"].fork() if rate > 0 else nnx.data(None)
+
+  def __call__(self, x):
+    if self.rate == 0.0 or self.deterministic:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.rngs(), keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Mlp(nnx.Module):
+  """fc1 -> exact GELU -> dropout -> fc2 -> dropout (timm Mlp)."""
+
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, drop: float = 0.0, dtype: Dtype = None,
+               precision=None):
+    self.fc1 = linear(dim, hidden, rngs=rngs, dtype=dtype, precision=precision)
+    self.fc2 = linear(hidden, dim, rngs=rngs, dtype=dtype, precision=precision)
+    self.drop = nnx.Dropout(drop, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.drop(gelu(self.fc1(x)))
+    return self.drop(self.fc2(x))
+
+
+class PatchEmbed(nnx.Module):
+  """Non-overlapping patches by a strided conv (`patch_embed.proj`), flattened row-major to tokens."""
+
+  def __init__(self, patch_size: int, in_chans: int, dim: int, *, rngs: nnx.Rngs, dtype: Dtype = None,
+               precision=None):
+    self.patch_size = patch_size
+    self.proj = conv(in_chans, dim, patch_size, patch_size, rngs=rngs, dtype=dtype, precision=precision)
+
+  def __call__(self, x):
+    x = self.proj(x)
+    b, h, w, c = x.shape
+    return x.reshape(b, h * w, c), (h, w)
+
+
+class ConvStem(nnx.Module):
+  """DeepViT's CNN patch stem (`PatchEmbed_CNN`): conv7/2-BN-ReLU, conv3-BN-ReLU, then a strided
+  projection conv of kernel = stride = patch_size // 2 (8 for the registered patch 16)."""
+
+  def __init__(self, patch_size: int, in_chans: int, dim: int, *, rngs: nnx.Rngs, dtype: Dtype = None,
+               precision=None, stem_width: int = 64):
+    if patch_size % 2:
+      raise ValueError(f"the CNN stem halves the image first, so patch_size must be even, got {patch_size}")
+    self.patch_size = patch_size
+    self.conv1 = conv(in_chans, stem_width, 7, 2, 3, use_bias=False, rngs=rngs, dtype=dtype,
+                      precision=precision)
+    self.bn1 = batch_norm(stem_width, rngs=rngs)
+    self.conv2 = conv(stem_width, stem_width, 3, 1, 1, use_bias=False, rngs=rngs, dtype=dtype,
+                      precision=precision)
+    self.bn2 = batch_norm(stem_width, rngs=rngs)
+    self.proj = conv(stem_width, dim, patch_size // 2, patch_size // 2, rngs=rngs, dtype=dtype,
+                     precision=precision)
+
+  def __call__(self, x):
+    x = jax.nn.relu(self.bn1(self.conv1(x)))
+    x = jax.nn.relu(self.bn2(self.conv2(x)))
+    x = self.proj(x)
+    b, h, w, c = x.shape
+    return x.reshape(b, h * w, c), (h, w)
+
+
+def as_tuple(value, n: int, name: str) -> tuple:
+  """Broadcast a scalar per-block option to n blocks, or check a given sequence has length n."""
+  if isinstance(value, (list, tuple)):
+    if len(value) != n:
+      raise ValueError(f"{name} has {len(value)} entries but the model has {n} blocks")
+    return tuple(value)
+  return (value,) * n

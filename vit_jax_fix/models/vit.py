@@ -1,0 +1,313 @@
+"""The one ViT backbone: a pre-norm Block that composes every fix, and the VisionTransformer around it.
+
+Every family of the zoo is this backbone with options (see `registry.py` for the official names):
+
+| option (block)            | fix                                   | official quirk reproduced by default       |
+|---------------------------|---------------------------------------|--------------------------------------------|
+| layer_scale=init          | LayerScale (CaiT, DeiT III)           | per-channel gamma_1 / gamma_2              |
+| talking_heads             | CaiT talking-heads attention          | proj_l before, proj_w after the softmax    |
+| attn_scale                | AttnScale (high-pass attention gain)  | N counts every token of that attention     |
+| feat_scale='double'|'single' | FeatScale as FFT band gains         | ViT code adds the term twice ('double')    |
+| reattention               | DeepViT re-attention                  | BatchNorm over heads, optional * scale     |
+| aug_shortcut              | AugViT augmented shortcuts            | paths read LN(x), x 3/4 in two-path modes  |
+| scale_adjustment=a        | DeepViT-S/L LN(a x) and branch / a    |                                            |
+| keep_rate < 1             | EViT token reorganisation             | ceil(k), fused token last                  |
+
+Block-level options accept one value for all blocks or one per block; boolean fixes also accept
+'last:K' / 'first:K' or a list of block indices, e.g. `reattention='last:4'`.
+
+Backbone options: `pos_embed='cls'` (DeiT: a slot for the class token, added after concatenation) or
+'patches' (DeiT III, CaiT: patches only, class token concatenated afterwards); `stem='patch'|'cnn'`;
+`class_attn_depth > 0` appends CaiT's class-attention blocks (class token joins only there).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vit_jax_fix.models import layers, shortcuts, spectral, token_reorg
+from vit_jax_fix.models.attention import Attention, ClassAttention
+
+FEAT_SCALE_MODES = (None, "double", "single")
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block; every fix is an option (see the module docstring)."""
+
+  @property
+  def torch_child_names(self):
+    # Official keys: FeatScale's lamb1/lamb2 sit on the block; two-path AugViT projections sit in
+    # nn.Sequential(proj, GELU), hence the '.0'.
+    names = {"feat_scale": ""}
+    if shortcuts.two_paths(self.aug_shortcut):
+      names.update({n: f"{n}.0" for n in ("augs_attn", "augs", "augs_attn2", "augs2")})
+    return names
+
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, mlp_ratio: float = 4.0,
+               qkv_bias: bool = True, qk_scale: float | None = None, drop: float = 0.0,
+               attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6,
+               layer_scale: float | None = None, talking_heads: bool = False, attn_scale: bool = False,
+               reattention: bool = False, reattention_scale: bool = False, feat_scale: str | None = None,
+               feat_scale_bands: int = 2, feat_scale_impl: str = "fft", aug_shortcut: str | None = None,
+               num_cir: int = 4, circulant_impl: str = "fft", aug_paper_form: bool = False,
+               scale_adjustment: float = 1.0, keep_rate: float = 1.0, fuse_token: bool = False,
+               dtype=None, precision=None):
+    if feat_scale not in FEAT_SCALE_MODES:
+      raise ValueError(f"feat_scale must be one of {FEAT_SCALE_MODES}, got {feat_scale!r}")
+    self.scale_adjustment = float(scale_adjustment)
+    self.keep_rate = float(keep_rate)
+    token_reorg.kept_tokens(10, self.keep_rate)  # validates the range early
+    self.fuse_token = bool(fuse_token)
+    self.norm1 = layers.layer_norm(dim, norm_eps, rngs=rngs)
+    self.attn = Attention(dim, num_heads, rngs=rngs, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                          attn_drop=attn_drop, proj_drop=drop, talking_heads=talking_heads,
+                          attn_scale=attn_scale, reattention=reattention,
+                          reattention_scale=reattention_scale, dtype=dtype, precision=precision)
+    self.feat_scale = (spectral.FeatScale(dim, bands=feat_scale_bands, double=feat_scale == "double",
+                                          impl=feat_scale_impl) if feat_scale else nnx.data(None))
+    if layer_scale is not None:
+      self.gamma_1 = nnx.Param(jnp.full((dim,), layer_scale, jnp.float32))
+      self.gamma_2 = nnx.Param(jnp.full((dim,), layer_scale, jnp.float32))
+    else:
+      self.gamma_1 = self.gamma_2 = nnx.data(None)
+    self.drop_path = layers.DropPath(drop_path, rngs=rngs)
+    self.norm2 = layers.layer_norm(dim, norm_eps, rngs=rngs)
+    self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), rngs=rngs, drop=drop, dtype=dtype, precision=precision)
+    self.aug_shortcut = shortcuts.check_mode(aug_shortcut)
+    self.aug_paper_form = aug_paper_form
+    self.aug_rescale = shortcuts.rescale_factor(aug_shortcut, aug_paper_form)
+    if aug_shortcut:
+      make = lambda: shortcuts.make_aug_projection(aug_shortcut, dim, num_cir=num_cir, impl=circulant_impl,
+                                                   rngs=rngs, dtype=dtype, precision=precision)
+      # Creation order of the official code: augs_attn, augs (, augs_attn2, augs2).
+      self.augs_attn = make()
+      self.augs = make()
+      if shortcuts.two_paths(aug_shortcut):
+        self.augs_attn2 = make()
+        self.augs2 = make()
+
+  def _aug_sum(self, x, normed, x_in, names: Sequence[str]):
+    """Add the augmented paths to x. Official form: they read the LayerNorm output `normed`, GELU after each
+    projection in the two-path modes, then the whole update is rescaled by 3/4. Paper form: they read the
+    sub-layer input `x_in`, no rescale."""
+    src = x_in if self.aug_paper_form else normed
+    two = shortcuts.two_paths(self.aug_shortcut)
+    for name in names:
+      path = getattr(self, name)(src)
+      x = x + (layers.gelu(path) if two else path).astype(x.dtype)
+    return x * self.aug_rescale if self.aug_rescale != 1.0 else x
+
+  def __call__(self, x, *, grid=None, num_prefix: int = 1, return_map: bool = False):
+    """x: (B, N, D). Returns (x, aux): aux['attn'] the post-softmax map (B, H, N, N) when asked,
+    aux['reorg'] the EViT selection when this block reorganises tokens."""
+    a = self.scale_adjustment
+    two = shortcuts.two_paths(self.aug_shortcut)
+    # --- attention sub-layer
+    x_in = x
+    u = self.norm1(x * a if a != 1.0 else x)
+    y, probs = self.attn(u, return_map=return_map or self.keep_rate < 1.0)
+    if a != 1.0:
+      y = y / a
+    if self.feat_scale is not None:
+      y = self.feat_scale(y, grid=grid, num_prefix=num_prefix)
+    if self.gamma_1 is not None:
+      y = self.gamma_1[...] * y
+    x = x + self.drop_path(y)
+    if self.aug_shortcut:
+      x = self._aug_sum(x, u, x_in, ("augs_attn", "augs_attn2") if two else ("augs_attn",))
+    # --- EViT reorganisation, between the attention and the MLP of the same block
+    reorg = None
+    if self.keep_rate < 1.0:
+      x, reorg = token_reorg.reorganize(x, probs, self.keep_rate, self.fuse_token)
+    # --- MLP sub-layer
+    x_in = x
+    v = self.norm2(x * a if a != 1.0 else x)
+    m = self.mlp(v)
+    if self.gamma_2 is not None:
+      m = self.gamma_2[...] * m
+    m = self.drop_path(m)
+    x = x + (m / a if a != 1.0 else m)
+    if self.aug_shortcut:
+      x = self._aug_sum(x, v, x_in, ("augs", "augs2") if two else ("augs",))
+    return x, {"attn": probs if return_map else None, "reorg": reorg}
+
+
+class ClassAttentionBlock(nnx.Module):
+  """CaiT `LayerScale_Block_CA`: updates only the class token from [cls, patches]."""
+
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, mlp_ratio: float = 4.0,
+               qkv_bias: bool = True, qk_scale=None, norm_eps: float = 1e-6, layer_scale: float = 1e-5,
+               dtype=None, precision=None):
+    self.norm1 = layers.layer_norm(dim, norm_eps, rngs=rngs)
+    self.attn = ClassAttention(dim, num_heads, rngs=rngs, qkv_bias=qkv_bias, qk_scale=qk_scale, dtype=dtype,
+                               precision=precision)
+    self.gamma_1 = nnx.Param(jnp.full((dim,), layer_scale, jnp.float32))
+    self.gamma_2 = nnx.Param(jnp.full((dim,), layer_scale, jnp.float32))
+    self.norm2 = layers.layer_norm(dim, norm_eps, rngs=rngs)
+    self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype, precision=precision)
+
+  def __call__(self, x, cls):
+    u = jnp.concatenate([cls, x], axis=1)
+    y, probs = self.attn(self.norm1(u))
+    cls = cls + self.gamma_1[...] * y
+    cls = cls + self.gamma_2[...] * self.mlp(self.norm2(cls))
+    return cls, probs
+
+
+def select_blocks(value: Any, depth: int, name: str) -> tuple:
+  """Per-block values from one value, a per-block list, 'last:K' / 'first:K', or a list of indices."""
+  if isinstance(value, str) and ":" in value:
+    where, _, k = value.partition(":")
+    if where not in ("last", "first") or not k.isdigit() or int(k) > depth:
+      raise ValueError(f"{name}={value!r}: use 'last:K' or 'first:K' with K <= depth ({depth})")
+    k = int(k)
+    return tuple((i >= depth - k) if where == "last" else (i < k) for i in range(depth))
+  if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, np.integer))
+                                                         and not isinstance(v, bool) for v in value):
+    # A list of block indices (negative counts from the end); a list of booleans is the per-block form.
+    chosen = {i % depth for i in value}
+    if any(not -depth <= i < depth for i in value):
+      raise ValueError(f"{name}: block indices {list(value)} out of range for depth {depth}")
+    return tuple(i in chosen for i in range(depth))
+  return layers.as_tuple(value, depth, name)
+
+
+class VisionTransformer(nnx.Module):
+
+  def __init__(self, *, img_size: int | Sequence[int] = 224, patch_size: int = 16, in_chans: int = 3,
+               num_classes: int = 1000, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+               mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: float | None = None,
+               drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+               drop_path_schedule: str = "linear", pos_embed: str = "cls", stem: str = "patch",
+               class_attn_depth: int = 0, class_attn_layer_scale: float | None = None, norm_eps: float = 1e-6,
+               layer_scale: Any = None, talking_heads: Any = False, attn_scale: Any = False,
+               reattention: Any = False, reattention_scale: bool = False, feat_scale: Any = None,
+               feat_scale_bands: int = 2, feat_scale_impl: str = "fft", aug_shortcut: Any = None,
+               num_cir: int = 4, circulant_impl: str = "fft", aug_paper_form: bool = False,
+               scale_adjustment: float = 1.0, keep_rate: Any = 1.0, keep_rate_blocks: Sequence[int] | None = None,
+               fuse_token: bool = False, dtype=None, precision=None, rngs: nnx.Rngs | None = None):
+    rngs = rngs if rngs is not None else nnx.Rngs(params=0, dropout=1)
+    img = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size, img_size)
+    if pos_embed not in ("cls", "patches"):
+      raise ValueError(f"pos_embed must be 'cls' (slot for the class token) or 'patches', got {pos_embed!r}")
+    if class_attn_depth and pos_embed != "patches":
+      raise ValueError("class-attention blocks (CaiT) need pos_embed='patches': the class token only joins "
+                       "in the class-attention stage")
+    if stem not in ("patch", "cnn"):
+      raise ValueError(f"stem must be 'patch' or 'cnn', got {stem!r}")
+    self.embed_dim, self.depth, self.num_classes = embed_dim, depth, num_classes
+    self.img_size, self.patch_size = img, patch_size
+    self.pos_embed_mode = pos_embed
+    stem_cls = layers.PatchEmbed if stem == "patch" else layers.ConvStem
+    self.patch_embed = stem_cls(patch_size, in_chans, embed_dim, rngs=rngs, dtype=dtype, precision=precision)
+    if img[0] % patch_size or img[1] % patch_size:
+      raise ValueError(f"img_size {img} is not a multiple of patch_size {patch_size}")
+    self.grid_size = (img[0] // patch_size, img[1] // patch_size)
+    num_patches = self.grid_size[0] * self.grid_size[1]
+    self.cls_token = nnx.Param(layers.trunc_normal_02(rngs.params(), (1, 1, embed_dim)))
+    n_pos = num_patches + (1 if pos_embed == "cls" else 0)
+    self.pos_embed = nnx.Param(layers.trunc_normal_02(rngs.params(), (1, n_pos, embed_dim)))
+    self.pos_drop = nnx.Dropout(drop_rate, rngs=rngs)
+    # The class token sits in the sequence of the self-attention blocks except in CaiT.
+    self.num_prefix_tokens = 0 if class_attn_depth else 1
+
+    if drop_path_schedule == "linear":
+      dpr = [float(r) for r in np.linspace(0, drop_path_rate, depth)]
+    elif drop_path_schedule == "constant":
+      dpr = [float(drop_path_rate)] * depth
+    else:
+      raise ValueError(f"drop_path_schedule must be 'linear' or 'constant', got {drop_path_schedule!r}")
+    if keep_rate_blocks is not None:
+      if isinstance(keep_rate, (list, tuple)):
+        raise ValueError("give keep_rate as one float when keep_rate_blocks selects the blocks")
+      chosen = {i % depth for i in keep_rate_blocks}
+      keep = tuple(float(keep_rate) if i in chosen else 1.0 for i in range(depth))
+    else:
+      keep = layers.as_tuple(keep_rate, depth, "keep_rate")
+    if any(k < 1.0 for k in keep) and self.num_prefix_tokens == 0:
+      raise ValueError("EViT token reorganisation scores tokens by the class token's attention; "
+                       "it cannot run in CaiT's self-attention stage, which has no class token")
+    fs = layers.as_tuple(feat_scale, depth, "feat_scale")
+    if feat_scale_bands > 2 and any(k < 1.0 for k in keep):
+      first_reorg = min(i for i, k in enumerate(keep) if k < 1.0)
+      if any(f for f in fs[first_reorg + 1:]):
+        raise ValueError("FeatScale with more than 2 bands works on the patch grid, which EViT token "
+                         "reorganisation breaks; use feat_scale_bands=2 with keep_rate < 1")
+    per_block = dict(
+        layer_scale=layers.as_tuple(layer_scale, depth, "layer_scale"),
+        talking_heads=select_blocks(talking_heads, depth, "talking_heads"),
+        attn_scale=select_blocks(attn_scale, depth, "attn_scale"),
+        reattention=select_blocks(reattention, depth, "reattention"),
+        feat_scale=fs,
+        aug_shortcut=layers.as_tuple(aug_shortcut, depth, "aug_shortcut"),
+        keep_rate=keep,
+        drop_path=dpr,
+    )
+    self.blocks = nnx.List([
+        Block(embed_dim, num_heads, rngs=rngs, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
+              drop=drop_rate, attn_drop=attn_drop_rate, norm_eps=norm_eps,
+              reattention_scale=reattention_scale, feat_scale_bands=feat_scale_bands,
+              feat_scale_impl=feat_scale_impl, num_cir=num_cir, circulant_impl=circulant_impl,
+              aug_paper_form=aug_paper_form, scale_adjustment=scale_adjustment, fuse_token=fuse_token,
+              dtype=dtype, precision=precision, **{k: v[i] for k, v in per_block.items()})
+        for i in range(depth)])
+    if class_attn_depth:
+      ls = class_attn_layer_scale if class_attn_layer_scale is not None else per_block["layer_scale"][-1]
+      self.blocks_token_only = nnx.List([
+          ClassAttentionBlock(embed_dim, num_heads, rngs=rngs, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                              qk_scale=qk_scale, norm_eps=norm_eps, layer_scale=ls if ls is not None else 1e-5,
+                              dtype=dtype, precision=precision)
+          for _ in range(class_attn_depth)])
+    else:
+      self.blocks_token_only = nnx.data(None)
+    self.norm = layers.layer_norm(embed_dim, norm_eps, rngs=rngs)
+    self.head = (layers.linear(embed_dim, num_classes, rngs=rngs, precision=precision)
+                 if num_classes else nnx.data(None))
+
+  def embed(self, images):
+    """images (B, H, W, C) -> tokens (B, N0, D) entering the first block, and the patch grid."""
+    x, grid = self.patch_embed(images)
+    if grid != self.grid_size:
+      raise ValueError(f"input gives a {grid} patch grid but the model was built for {self.grid_size} "
+                       f"(img_size={self.img_size}); build it with img_size=... (position embeddings are "
+                       f"resized when loading weights, see vit_jax_fix.interop)")
+    b = x.shape[0]
+    cls = jnp.broadcast_to(self.cls_token[...], (b, 1, self.embed_dim)).astype(x.dtype)
+    if self.pos_embed_mode == "cls":
+      x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
+    else:
+      x = x + self.pos_embed[...].astype(x.dtype)
+      if self.num_prefix_tokens:
+        x = jnp.concatenate([cls, x], axis=1)
+    return self.pos_drop(x), grid
+
+  def __call__(self, images, *, return_intermediates: bool = False):
+    """images: (B, H, W, C) float. Returns logits (B, num_classes), or pre-logits (B, D) when
+    num_classes=0; with return_intermediates=True, (logits, intermediates) where intermediates holds
+    'embed' (B, N0, D), 'tokens' (list of block outputs (B, N_i, D)), 'attn' (list of post-softmax maps
+    (B, H, N_i, N_i)), 'reorg' (EViT: list of {'idx', 'cls_attn'} or None), 'cls_tokens' and 'cls_attn'
+    (CaiT class-attention outputs and maps) and 'pre_logits' (B, D)."""
+    x, grid = self.embed(images)
+    inter = {"embed": x, "tokens": [], "attn": [], "reorg": [], "cls_tokens": [], "cls_attn": []}
+    for blk in self.blocks:
+      x, aux = blk(x, grid=grid, num_prefix=self.num_prefix_tokens, return_map=return_intermediates)
+      if aux["reorg"] is not None:
+        grid = None  # the patch grid no longer exists after a reorganisation
+      inter["tokens"].append(x)
+      inter["attn"].append(aux["attn"])
+      inter["reorg"].append(aux["reorg"])
+    if self.blocks_token_only is not None:
+      cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, self.embed_dim)).astype(x.dtype)
+      for blk in self.blocks_token_only:
+        cls, probs = blk(x, cls)
+        inter["cls_tokens"].append(cls)
+        inter["cls_attn"].append(probs)
+      x = jnp.concatenate([cls, x], axis=1)
+    pre_logits = self.norm(x)[:, 0]
+    inter["pre_logits"] = pre_logits
+    out = self.head(pre_logits) if self.head is not None else pre_logits
+    return (out, inter) if return_intermediates else out

@@ -1,0 +1,93 @@
+"""The official model names of every family, registered with their official configurations.
+
+Sources: ../shared/reference/*.md (architecture facts) and state_dicts/*.tsv (parameter counts, tested).
+`paper_top1` is the ImageNet-1k top-1 the authors report for that name (README of the official repository).
+"""
+from __future__ import annotations
+
+from vit_jax_fix.models.registry import HALF, register
+from vit_jax_fix.models.vit import VisionTransformer
+
+VIT = VisionTransformer
+_DEIT = dict(patch_size=16, img_size=224, depth=12, mlp_ratio=4.0, qkv_bias=True, pos_embed="cls")
+_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+
+# --- DeiT (facebookresearch/deit models.py; timm VisionTransformer)
+for size, top1 in (("tiny", 72.2), ("small", 79.9), ("base", 81.8)):
+  d, h = _SIZES[size]
+  register(f"deit_{size}_patch16_224", "deit", VIT, dict(_DEIT, embed_dim=d, num_heads=h),
+           paper_top1=top1, source="facebookresearch/deit models.py")
+
+# --- DeiT III (models_v2.py): LayerScale 1e-4, pos_embed without the class slot, constant drop-path, crop 1.0
+for size, top1 in (("small", 81.4), ("base", 83.8)):
+  d, h = _SIZES[size]
+  kw = dict(_DEIT, embed_dim=d, num_heads=h, pos_embed="patches", layer_scale=1e-4,
+            drop_path_schedule="constant")
+  register(f"deit_{size}_patch16_LS", "deit3", VIT, kw, crop_pct=1.0, paper_top1=top1,
+           source="facebookresearch/deit models_v2.py")
+  # timm's name for the same architecture (timm initialises LayerScale at 1e-6, drop-path linear).
+  register(f"deit3_{size}_patch16_224", "deit3", VIT,
+           dict(kw, layer_scale=1e-6, drop_path_schedule="linear"), crop_pct=1.0, paper_top1=top1,
+           source="timm deit3 (alias of deit_*_patch16_LS)")
+
+# --- CaiT (cait_models.py): talking heads, LayerScale, two class-attention blocks, crop 1.0
+_CAIT = dict(patch_size=16, img_size=224, depth=24, mlp_ratio=4.0, qkv_bias=True, pos_embed="patches",
+             talking_heads=True, layer_scale=1e-5, class_attn_depth=2, drop_path_schedule="constant")
+_CAIT_SIZES = {"XXS24_224": (192, 4, 77.6), "S24_224": (384, 8, 83.5)}
+for suffix, (d, h, top1) in _CAIT_SIZES.items():
+  register(f"cait_{suffix}", "cait", VIT, dict(_CAIT, embed_dim=d, num_heads=h), crop_pct=1.0,
+           paper_top1=top1, source="facebookresearch/deit cait_models.py")
+
+# --- AugViT (huawei-noah/Efficient-AI-Backbones augvit_pytorch): mean = std = 0.5, crop 0.9
+_AUG = dict(_DEIT, embed_dim=384, num_heads=6, num_cir=4)
+for name, mode, kw, top1 in (
+    ("augvit_small", None, {}, 79.8),
+    ("augvit_small_linear", "linear", {}, None),
+    ("augvit_small_circulant2", "circulant2", {}, 80.9),
+    ("augvit_small_linear2", "linear2", {}, None),
+    ("augvit_base_circulant2", "circulant2", dict(embed_dim=768, num_heads=12), 82.4)):
+  register(name, "augvit", VIT, dict(_AUG, aug_shortcut=mode, **kw), mean=HALF, std=HALF, crop_pct=0.9,
+           paper_top1=top1, source="huawei-noah/Efficient-AI-Backbones augvit.py")
+
+# --- DeepViT (zhoudaquan/dvit_repo): D 384, 12 heads (Dh 32), mlp 3; mean = std = 0.5, crop 0.9
+_DVIT = dict(_DEIT, embed_dim=384, num_heads=12, mlp_ratio=3.0, reattention=True)
+for depth, top1 in ((16, 79.10), (24, 79.99), (32, 80.90)):
+  register(f"deepvit_patch16_224_re_attn_{depth}b", "deepvit", VIT, dict(_DVIT, depth=depth), mean=HALF,
+           std=HALF, crop_pct=0.9, paper_top1=top1, source="zhoudaquan/dvit_repo deep_vision_transformer.py")
+register("deepvit_S", "deepvit", VIT,
+         dict(_DVIT, embed_dim=396, depth=16, stem="cnn", reattention="last:5", reattention_scale=True,
+              scale_adjustment=0.5), mean=HALF, std=HALF, crop_pct=0.9, paper_top1=82.3,
+         source="zhoudaquan/dvit_repo deep_vision_transformer.py")
+register("deepvit_L", "deepvit", VIT,
+         dict(_DVIT, embed_dim=420, depth=32, stem="cnn", reattention="last:12", scale_adjustment=0.5),
+         mean=HALF, std=HALF, crop_pct=0.9, paper_top1=83.1,
+         source="zhoudaquan/dvit_repo deep_vision_transformer.py")
+
+# --- Anti-oversmoothing (VITA-Group/ViT-Anti-Oversmoothing): AttnScale / FeatScale on DeiT-S and CaiT
+_AO = "VITA-Group/ViT-Anti-Oversmoothing"
+for depth, top1_a, top1_f in ((12, 80.7, 80.9), (24, 81.1, 81.3)):
+  base = dict(_DEIT, embed_dim=384, num_heads=6, depth=depth)
+  register(f"attnscale_small_{depth}", "ao", VIT, dict(base, attn_scale=True), paper_top1=top1_a,
+           source=f"{_AO} attnscale.py")
+  register(f"featscale_small_{depth}", "ao", VIT, dict(base, feat_scale="double"), paper_top1=top1_f,
+           source=f"{_AO} featscale.py")
+for suffix, (d, h, _) in _CAIT_SIZES.items():
+  base = dict(_CAIT, embed_dim=d, num_heads=h)
+  register(f"attnscale_cait_{suffix}", "cait", VIT, dict(base, attn_scale=True), crop_pct=1.0,
+           source=f"{_AO} attnscale_cait.py")
+  register(f"featscale_cait_{suffix}", "cait", VIT, dict(base, feat_scale="single"), crop_pct=1.0,
+           source=f"{_AO} featscale_cait.py")
+
+# --- EViT (youweiliang/evit): DeiT + token reorganisation at blocks 3, 6, 9; fusion on, as the scripts run it
+for size, top1 in (("small", 79.5), ("base", 81.3)):
+  d, h = _SIZES[size]
+  register(f"deit_{size}_patch16_shrink_base", "evit", VIT,
+           dict(_DEIT, embed_dim=d, num_heads=h, keep_rate=0.7, keep_rate_blocks=(3, 6, 9), fuse_token=True),
+           paper_top1=top1, source="youweiliang/evit evit.py")
+
+# --- Shunted Transformer registers its own names.
+try:
+  from vit_jax_fix.models import shunted  # noqa: F401
+except ImportError as e:  # pragma: no cover - only while the module is being written
+  if "shunted" not in str(e):
+    raise
