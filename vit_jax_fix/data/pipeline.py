@@ -1,0 +1,335 @@
+"""Train and eval iterators (tf.data on host) with exact resume.
+
+Config keys (``default_data_config()`` returns them all with their defaults; None means "derive it"):
+
+==================== ============================= =================================================================
+key                  default                       meaning
+==================== ============================= =================================================================
+dataset              'demo'                        tfds name ('imagenet2012', 'cifar10', ...), 'demo' (embedded
+                                                   MNIST-5k), 'folder' (image folder) or 'from_data_dir'
+data_dir             None                          tfds data dir (None: tfds default for tfds names; the vit_jax_fix
+                                                   cache for demo/folder); for 'from_data_dir' the prepared
+                                                   <name>/<config>/<version> directory
+folder               None                          image-folder root: root/<class>/<img> or root/<split>/<class>/<img>
+train_split          'train'                       tfds split string, slices allowed ('train[:99%]')
+eval_split           None                          None: 'validation' if present, else 'test' (demo: 'test')
+image_key, label_key 'image', 'label'              feature names in the tfds dataset
+image_size           224                           square train/eval resolution
+num_classes          None                          None: from the dataset's label feature
+interpolation        None                          'bicubic' | 'bilinear' | 'random' (train); None: model default
+crop_pct             None                          eval resize = floor(size / crop_pct); None: model default
+mean, std            None                          normalization (0-1 scale); None: model default (ImageNet)
+augment              'deit'                        'deit' (RRC, flip, RandAugment, erasing), '3aug' (DeiT III),
+                                                   'none' (eval-style resize + centre crop, no randomness)
+scale, ratio         (0.08, 1.0), (3/4, 4/3)       random-resized-crop area and aspect ranges
+hflip                0.5                           horizontal flip probability ('deit' and '3aug')
+rand_augment         'rand-m9-mstd0.5-inc1'        timm RandAugment string ('' = off); used by 'deit' only
+color_jitter         0.3                           'deit': brightness/contrast/saturation jitter, only when
+                                                   rand_augment is '' (timm/DeiT); '3aug': applied always
+reprob, remode       0.25, 'pixel'                 random erasing probability / fill mode ('deit' only)
+simple_random_crop   False                         '3aug': resize + pad-4 random crop instead of RRC (DeiT III src)
+repeated_aug         3                             each chosen image appears this many times per epoch, epoch length
+                                                   unchanged (DeiT RASampler); 1 = off
+shuffle_buffer       10_000                        tf.data shuffle buffer (clipped to the host's split size)
+cache                False                         cache the encoded examples in memory (small datasets)
+prefetch             2                             batches prefetched on host
+mixup, cutmix        0.8, 1.0                      Mixup / CutMix alphas (0 disables) -- applied on device
+mixup_switch_prob    0.5                           probability of CutMix when both are on
+mixup_prob           1.0                           probability of mixing a batch
+label_smoothing      0.1                           folded into the mixed targets
+bce_targets          False                         DeiT III binarised targets (needs label_smoothing 0)
+==================== ============================= =================================================================
+
+The mixup keys are read by the trainer, which calls :func:`vit_jax_fix.data.mixup_cutmix` in its jitted step
+(see :func:`mixup_kwargs`).
+
+Determinism and exact resume. Each host reads its own ``tfds.even_splits`` part, in file order (tfds files are
+already shuffled when prepared). Epoch ``e`` is a pure function of (seed, host, e): with repeated augmentation
+a stateless permutation picks ceil(n / r) examples, the epoch's shuffle buffer is seeded with (seed, host, e),
+each kept example is repeated r times, and the epoch is cut to exactly ``r * ceil(n / r)`` elements.
+Every element then carries its global stream position ``p``; its augmentation uses stateless random ops seeded
+with (seed ^ host, p). Resuming at step s skips ``s * local_batch`` encoded elements (before the expensive
+decode/augment) so the batches are bit-identical to those of an uninterrupted run. Skipping reads, but does not
+decode, at most one epoch of records.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vit_jax_fix.data import randaugment
+from vit_jax_fix.data import sources
+from vit_jax_fix.data import transforms as T
+
+FALLBACK_MODEL_DEFAULTS = dict(mean=T.IMAGENET_MEAN, std=T.IMAGENET_STD, crop_pct=0.875, interpolation="bicubic")
+AUGMENTS = ("deit", "3aug", "none")
+INTERPOLATIONS = ("bicubic", "bilinear", "random", "nearest", "area", "lanczos3")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """All data keys with their defaults (the module docstring documents each)."""
+  c = ml_collections.ConfigDict()
+  c.dataset = "demo"
+  c.data_dir = ml_collections.config_dict.placeholder(str)
+  c.folder = ml_collections.config_dict.placeholder(str)
+  c.train_split = "train"
+  c.eval_split = ml_collections.config_dict.placeholder(str)
+  c.image_key = "image"
+  c.label_key = "label"
+  c.image_size = 224
+  c.num_classes = ml_collections.config_dict.placeholder(int)
+  c.interpolation = ml_collections.config_dict.placeholder(str)
+  c.crop_pct = ml_collections.config_dict.placeholder(float)
+  c.mean = ml_collections.config_dict.placeholder(tuple)
+  c.std = ml_collections.config_dict.placeholder(tuple)
+  c.augment = "deit"
+  c.scale = (0.08, 1.0)
+  c.ratio = (3 / 4, 4 / 3)
+  c.hflip = 0.5
+  c.rand_augment = "rand-m9-mstd0.5-inc1"
+  c.color_jitter = 0.3
+  c.reprob = 0.25
+  c.remode = "pixel"
+  c.simple_random_crop = False
+  c.repeated_aug = 3
+  c.shuffle_buffer = 10_000
+  c.cache = False
+  c.prefetch = 2
+  c.mixup = 0.8
+  c.cutmix = 1.0
+  c.mixup_switch_prob = 0.5
+  c.mixup_prob = 1.0
+  c.label_smoothing = 0.1
+  c.bce_targets = False
+  return c
+
+
+def _resolve(data_cfg, model_defaults=None) -> ml_collections.ConfigDict:
+  """Merges defaults <- model defaults <- user config, and validates the values."""
+  cfg = default_data_config()
+  unknown = set(data_cfg.keys()) - set(cfg.keys())
+  if unknown:
+    raise ValueError(f"Unknown data config key(s) {sorted(unknown)}; valid keys: {sorted(cfg.keys())}.")
+  cfg = ml_collections.ConfigDict(cfg.to_dict())  # plain copy so None can be overwritten by any type
+  for k, v in data_cfg.items():
+    cfg[k] = v
+  md = dict(FALLBACK_MODEL_DEFAULTS, **(model_defaults or {}))
+  for k in ("mean", "std", "crop_pct", "interpolation"):
+    if cfg[k] is None:
+      cfg[k] = md[k]
+  cfg.mean, cfg.std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+  if len(cfg.mean) != 3 or len(cfg.std) != 3:
+    raise ValueError(f"data.mean and data.std need 3 values (RGB); got {cfg.mean} and {cfg.std}.")
+  if cfg.augment not in AUGMENTS:
+    raise ValueError(f"data.augment={cfg.augment!r}: use one of {AUGMENTS}.")
+  if cfg.interpolation not in INTERPOLATIONS:
+    raise ValueError(f"data.interpolation={cfg.interpolation!r}: use one of {INTERPOLATIONS}.")
+  if not 0 < cfg.crop_pct <= 1:
+    raise ValueError(f"data.crop_pct={cfg.crop_pct} must be in (0, 1].")
+  if int(cfg.repeated_aug) < 1:
+    raise ValueError(f"data.repeated_aug={cfg.repeated_aug} must be >= 1 (1 = off).")
+  if cfg.rand_augment:
+    randaugment.parse_config(cfg.rand_augment)  # fail early on a bad string
+  return cfg
+
+
+def _process(process_index, process_count):
+  pi = jax.process_index() if process_index is None else int(process_index)
+  pc = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= pi < pc:
+    raise ValueError(f"process_index={pi} must be in [0, process_count={pc}).")
+  return pi, pc
+
+
+def _read(builder, split, cfg):
+  """Encoded (image bytes, label) pairs of one split, in a fixed order; decoding is left to the pipeline."""
+  read_config = tfds.ReadConfig(try_autocache=False, shuffle_seed=None)
+  ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
+                          decoders={cfg.image_key: tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ex: (ex[cfg.image_key], tf.cast(ex[cfg.label_key], tf.int32)))
+  return ds.cache() if cfg.cache else ds
+
+
+def _options():
+  opts = tf.data.Options()
+  opts.deterministic = True
+  opts.experimental_optimization.map_parallelization = True
+  return opts
+
+
+def _host_seed(seed: int, process_index: int) -> int:
+  # A different stream per host, so hosts do not augment with identical random numbers.
+  return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, process_index]).generate_state(1)[0])
+
+
+def _train_transform(cfg, image_size: int):
+  """(encoded, label, seed) -> (normalized float image, label)."""
+  ra = randaugment.RandAugment(cfg.rand_augment, fill=tuple(min(255, round(255 * m)) for m in cfg.mean)) \
+      if (cfg.augment == "deit" and cfg.rand_augment) else None
+
+  def fn(encoded, label, seed):
+    s_crop, s_flip, s_ra, s_cj, s_3a, s_erase = T.split_seed(seed, 6)
+    if cfg.augment == "none":
+      img = T.eval_resize_crop(encoded, image_size, cfg.crop_pct, cfg.interpolation)
+    elif cfg.augment == "3aug" and cfg.simple_random_crop:
+      img = T.simple_random_crop(encoded, s_crop, image_size, interpolation=cfg.interpolation)
+    else:
+      img = T.random_resized_crop(encoded, s_crop, image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
+                                  interpolation=cfg.interpolation)
+    if cfg.augment != "none" and cfg.hflip > 0:
+      img = T.hflip(img, s_flip, cfg.hflip)
+    if cfg.augment == "deit":
+      if ra is not None:
+        img = ra(img, s_ra)
+      elif cfg.color_jitter:
+        img = T.color_jitter(img, s_cj, cfg.color_jitter, cfg.color_jitter, cfg.color_jitter)
+    elif cfg.augment == "3aug":
+      img = T.three_augment(img, s_3a)
+      if cfg.color_jitter:
+        img = T.color_jitter(img, s_cj, cfg.color_jitter, cfg.color_jitter, cfg.color_jitter)
+    img = T.normalize(img, cfg.mean, cfg.std)
+    if cfg.augment == "deit" and cfg.reprob > 0:
+      img = T.random_erasing(img, s_erase, cfg.reprob, cfg.remode)
+    img = tf.ensure_shape(img, [image_size, image_size, 3])
+    return img, label
+  return fn
+
+
+def epoch_length(num_examples: int, repeated_aug: int) -> int:
+  """Elements per host per epoch: r * ceil(n / r) (= n without repeated augmentation)."""
+  r = int(repeated_aug)
+  return r * math.ceil(num_examples / r)
+
+
+def _epoch_stream(base, n: int, cfg, host_seed: int):
+  """Dataset of epochs -> (position, encoded, label), epoch e a pure function of (host_seed, e)."""
+  r = int(cfg.repeated_aug)
+  keep = math.ceil(n / r)
+  length = r * keep
+  buffer = max(1, min(int(cfg.shuffle_buffer), n))
+
+  def one_epoch(epoch):
+    epoch_seed = tf.stack([tf.constant(host_seed, tf.int64), epoch])
+    ds = base
+    if r > 1:
+      # RASampler: a random subset of ceil(n / r) examples, each repeated r times (same epoch length).
+      rank = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), epoch_seed)
+      ds = ds.enumerate().filter(lambda i, ex: rank[i] < keep).map(lambda i, ex: ex)
+    # Seeds of tf.data shuffle are int64 scalars: fold (host_seed, epoch) into one.
+    shuffle_seed = tf.random.experimental.stateless_split(epoch_seed, 1)[0, 0]
+    ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+    if r > 1:
+      ds = ds.flat_map(lambda img, lab: tf.data.Dataset.from_tensors((img, lab)).repeat(r))
+    ds = ds.take(length)
+    return ds.enumerate().map(lambda pos, ex: (epoch * length + pos, ex[0], ex[1]))
+  return one_epoch, length
+
+
+def build_train_iterator(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
+                         process_index=None, process_count=None, model_defaults=None) -> Iterator[dict]:
+  """Infinite iterator of {'image': float32 [B, H, W, 3], 'label': int32 [B]}, B = global_batch // processes.
+
+  Batch k of ``build_train_iterator(..., start_step=s)`` equals batch s + k of the same call with start_step=0.
+  """
+  cfg = _resolve(data_cfg, model_defaults)
+  pi, pc = _process(process_index, process_count)
+  if global_batch_size % pc:
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={pc}.")
+  local_batch = global_batch_size // pc
+  builder = sources.get_builder(cfg)
+  split = sources.resolve_split(builder, cfg.train_split, purpose="train")
+  host_split = tfds.even_splits(split, n=pc)[pi]
+  n = builder.info.splits[host_split].num_examples
+  if n == 0:
+    raise sources.DataSourceError(f"Host {pi} of {pc} gets no training examples from split {split!r}.")
+  base = _read(builder, host_split, cfg).take(n)
+  host_seed = _host_seed(seed, pi)
+  one_epoch, length = _epoch_stream(base, n, cfg, host_seed)
+  start = int(start_step) * local_batch
+  first_epoch, offset = divmod(start, length)
+
+  ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(one_epoch)
+  ds = ds.skip(offset)  # before decoding: skipping costs reads, not decodes
+  transform = _train_transform(cfg, int(cfg.image_size))
+
+  def with_seed(pos, encoded, label):
+    return transform(encoded, label, tf.stack([tf.constant(host_seed, tf.int64), pos]))
+  ds = ds.map(with_seed, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(int(cfg.prefetch))
+  ds = ds.with_options(_options())
+  return ({"image": img, "label": lab} for img, lab in ds.as_numpy_iterator())
+
+
+def _eval_split(builder, cfg):
+  return sources.resolve_split(builder, cfg.eval_split, purpose="eval")
+
+
+def num_eval_examples(data_cfg) -> int:
+  cfg = _resolve(data_cfg)
+  builder = sources.get_builder(cfg)
+  return builder.info.splits[_eval_split(builder, cfg)].num_examples
+
+
+def dataset_info(data_cfg):
+  """(num_classes, num_train_examples) of the configured train split (all hosts together)."""
+  cfg = _resolve(data_cfg)
+  builder = sources.get_builder(cfg)
+  split = sources.resolve_split(builder, cfg.train_split, purpose="train")
+  n = builder.info.splits[split].num_examples
+  feature = builder.info.features[cfg.label_key]
+  ds_classes = getattr(feature, "num_classes", None)
+  if cfg.num_classes is not None:
+    if ds_classes is not None and cfg.num_classes < ds_classes:
+      raise ValueError(f"data.num_classes={cfg.num_classes} is smaller than the {ds_classes} classes of "
+                       f"{builder.name!r}; labels would fall outside the head.")
+    return int(cfg.num_classes), n
+  if ds_classes is None:
+    raise ValueError(f"Cannot read the number of classes of {builder.name!r}: set data.num_classes.")
+  return int(ds_classes), n
+
+
+def build_eval_iterator(data_cfg, *, global_batch_size: int, process_index=None, process_count=None,
+                        model_defaults=None) -> Iterator[dict]:
+  """Finite iterator of {'image', 'label', 'mask' (float32, 0 = padding)}; same batch count on every host.
+
+  Each host reads its ``even_splits`` part; the last batches are padded with masked zeros so all hosts run
+  ceil(max host size / local batch) batches and each example is counted exactly once.
+  """
+  cfg = _resolve(data_cfg, model_defaults)
+  pi, pc = _process(process_index, process_count)
+  if global_batch_size % pc:
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={pc}.")
+  local_batch = global_batch_size // pc
+  builder = sources.get_builder(cfg)
+  split = _eval_split(builder, cfg)
+  host_splits = tfds.even_splits(split, n=pc)
+  sizes = [builder.info.splits[s].num_examples for s in host_splits]
+  num_batches = math.ceil(max(sizes) / local_batch)
+  size = int(cfg.image_size)
+
+  def transform(encoded, label):
+    img = T.normalize(T.eval_resize_crop(encoded, size, cfg.crop_pct, cfg.interpolation), cfg.mean, cfg.std)
+    return {"image": img, "label": label, "mask": tf.constant(1.0, tf.float32)}
+  ds = _read(builder, host_splits[pi], cfg).take(sizes[pi])
+  ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  pad = num_batches * local_batch - sizes[pi]
+  padding = tf.data.Dataset.from_tensors({
+      "image": tf.zeros([size, size, 3], tf.float32), "label": tf.constant(0, tf.int32),
+      "mask": tf.constant(0.0, tf.float32)}).repeat(pad)
+  ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True).prefetch(int(cfg.prefetch))
+  ds = ds.with_options(_options())
+  return iter(ds.as_numpy_iterator())
+
+
+def mixup_kwargs(data_cfg, num_classes: int) -> dict:
+  """Keyword arguments for :func:`vit_jax_fix.data.mixup_cutmix` from a data config."""
+  cfg = _resolve(data_cfg)
+  return dict(num_classes=int(num_classes), mixup_alpha=float(cfg.mixup), cutmix_alpha=float(cfg.cutmix),
+              switch_prob=float(cfg.mixup_switch_prob), prob=float(cfg.mixup_prob),
+              label_smoothing=float(cfg.label_smoothing), bce_targets=bool(cfg.bce_targets))
