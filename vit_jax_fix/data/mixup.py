@@ -16,6 +16,8 @@ One draw per batch (call it per device, e.g. inside ``shard_map``, to get DeiT's
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -41,33 +43,43 @@ def cutmix_box(rng, lam, height: int, width: int):
   return y0, y1, x0, x1
 
 
-def sample_params(rng, *, mixup_alpha: float, cutmix_alpha: float, switch_prob: float, prob: float):
-  """Returns (lam, use_cutmix) for one batch, as timm Mixup._params_per_batch."""
-  k_apply, k_switch, k_mix, k_cut = jax.random.split(rng, 4)
-  if mixup_alpha <= 0 and cutmix_alpha <= 0:
-    return jnp.float32(1.0), jnp.bool_(False)
-  if mixup_alpha > 0 and cutmix_alpha > 0:
-    use_cutmix = jax.random.uniform(k_switch) < switch_prob
-  else:
-    use_cutmix = jnp.bool_(cutmix_alpha > 0)
-  lam_mix = jax.random.beta(k_mix, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1.0)
-  lam_cut = jax.random.beta(k_cut, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1.0)
-  lam = jnp.where(use_cutmix, lam_cut, lam_mix).astype(jnp.float32)
-  apply = jax.random.uniform(k_apply) < prob
-  return jnp.where(apply, lam, 1.0), use_cutmix & apply
+def sample_params(rng, mixup_alpha, cutmix_alpha, switch_prob, prob):
+  """Returns (lam, use_cutmix) for one batch, as timm Mixup._params_per_batch.
+
+  The hyper-parameters may be traced scalars, so one compiled function serves every setting.
+  """
+  k_apply, k_switch, k_gamma = jax.random.split(rng, 3)
+  mix_on, cut_on = mixup_alpha > 0, cutmix_alpha > 0
+  # Beta(a, a) = G1 / (G1 + G2) with G ~ Gamma(a): one gamma draw for both methods (compiles once).
+  alphas = jnp.maximum(jnp.stack([mixup_alpha, mixup_alpha, cutmix_alpha, cutmix_alpha]), 1e-3)
+  g = jax.random.gamma(k_gamma, alphas.astype(jnp.float32))
+
+  def ratio(a, b):
+    return jnp.where(a + b > 0, a / jnp.maximum(a + b, 1e-30), 0.5)
+  lam_mix, lam_cut = ratio(g[0], g[1]), ratio(g[2], g[3])
+  use_cutmix = jnp.where(mix_on & cut_on, jax.random.uniform(k_switch) < switch_prob, cut_on)
+  apply = (jax.random.uniform(k_apply) < prob) & (mix_on | cut_on)
+  lam = jnp.where(use_cutmix, lam_cut, lam_mix)
+  return jnp.where(apply, lam, 1.0).astype(jnp.float32), use_cutmix & apply
 
 
 def mixup_cutmix(rng, images, labels, *, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
                  switch_prob: float = 0.5, prob: float = 1.0, label_smoothing: float = 0.1,
                  bce_targets: bool = False):
   """Mixes a batch (NHWC images, int labels) and returns (images, targets [B, num_classes] float32)."""
-  if bce_targets and label_smoothing > 0:
+  if bce_targets and not isinstance(label_smoothing, jax.core.Tracer) and label_smoothing > 0:
     raise ValueError(
         f"bce_targets=True with label_smoothing={label_smoothing}: binarising smoothed targets sets every class "
         "to 1. DeiT III's BCE recipe uses label_smoothing=0.0; set data.label_smoothing=0.0.")
+  hparams = jnp.asarray([mixup_alpha, cutmix_alpha, switch_prob, prob, label_smoothing], jnp.float32)
+  return _mixup_cutmix(rng, images, labels, hparams, num_classes=int(num_classes), bce_targets=bool(bce_targets))
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "bce_targets"))
+def _mixup_cutmix(rng, images, labels, hparams, *, num_classes, bce_targets):
+  mixup_alpha, cutmix_alpha, switch_prob, prob, label_smoothing = (hparams[i] for i in range(5))
   k_params, k_box = jax.random.split(rng)
-  lam, use_cutmix = sample_params(k_params, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-                                  switch_prob=switch_prob, prob=prob)
+  lam, use_cutmix = sample_params(k_params, mixup_alpha, cutmix_alpha, switch_prob, prob)
   flipped = images[::-1]
   height, width = images.shape[1], images.shape[2]
 
