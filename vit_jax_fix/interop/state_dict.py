@@ -33,8 +33,10 @@ from flax import nnx
 LAYOUTS = ("official", "timm")
 
 # timm's names for the official keys (applied to our official keys when layout='timm').
+_LS_TIMM = [(r"^blocks\.(\d+)\.gamma_(\d)$", r"blocks.\1.ls\2.gamma")]
 _TIMM_RENAMES = {
-    "deit3": [(r"^blocks\.(\d+)\.gamma_(\d)$", r"blocks.\1.ls\2.gamma")],
+    "deit3": _LS_TIMM,
+    "deit": _LS_TIMM,  # a DeiT with layer_scale=... is timm's VisionTransformer(init_values=...)
 }
 
 _LEAF_NAMES = {
