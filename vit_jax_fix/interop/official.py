@@ -121,6 +121,8 @@ def official_overrides(name: str, **kwargs) -> dict:
   return out
 
 
-def from_official_constructor(name: str, *, rngs=None, seed: int = 0, **kwargs):
-  """Build the model `name(**kwargs)` would build in the official repository (see module docstring)."""
-  return create_model(name, rngs=rngs, seed=seed, **official_overrides(name, **kwargs))
+def from_official_constructor(name: str, *, rngs=None, seed: int = 0, overrides: dict | None = None,
+                              **kwargs):
+  """Build the model `name(**kwargs)` would build in the official repository (see module docstring).
+  `overrides` adds our own execution options that change no weights (e.g. scan_blocks, dtype)."""
+  return create_model(name, rngs=rngs, seed=seed, **{**official_overrides(name, **kwargs), **(overrides or {})})
