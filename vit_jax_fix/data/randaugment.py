@@ -74,21 +74,19 @@ def auto_contrast(img):
   return tf.where(hi > lo, out, img)
 
 
-def _equalize_channel(ch):
-  x = tf.cast(ch, tf.int32)
-  hist = tf.math.bincount(tf.reshape(x, [-1]), minlength=256, maxlength=256)
-  nonzero = tf.boolean_mask(hist, hist > 0)
-  last = nonzero[-1]
-  step = (tf.reduce_sum(hist) - last) // 255
-  # PIL: lut[i] = (step // 2 + sum(hist[:i])) // step
-  cum = tf.concat([[0], tf.cumsum(hist)[:-1]], 0)
-  lut = tf.minimum((step // 2 + cum) // tf.maximum(step, 1), 255)
-  return tf.where(step > 0, tf.cast(tf.gather(lut, x), tf.float32), ch)
-
-
 def equalize(img):
-  """PIL ImageOps.equalize, per channel."""
-  return tf.stack([_equalize_channel(img[..., c]) for c in range(3)], axis=-1)
+  """PIL ImageOps.equalize, per channel (all three channels at once)."""
+  x = tf.cast(tf.reshape(tf.transpose(img, [2, 0, 1]), [3, -1]), tf.int32)  # [3, H*W]
+  hist = tf.math.bincount(x, minlength=256, maxlength=256, axis=-1)  # [3, 256]
+  # PIL: step = (total - count of the last non-empty bin) // 255; lut[i] = (step // 2 + sum(hist[:i])) // step
+  last_bin = 255 - tf.argmax(tf.reverse(tf.cast(hist > 0, tf.int32), [1]), axis=1, output_type=tf.int32)
+  last = tf.gather(hist, last_bin, batch_dims=1)
+  step = (tf.reduce_sum(hist, axis=1) - last) // 255  # [3]
+  cum = tf.cumsum(hist, axis=1, exclusive=True)
+  lut = tf.minimum((step[:, None] // 2 + cum) // tf.maximum(step[:, None], 1), 255)
+  out = tf.cast(tf.gather(lut, x, batch_dims=1), tf.float32)
+  out = tf.where(step[:, None] > 0, out, tf.cast(x, tf.float32))
+  return tf.transpose(tf.reshape(out, [3, tf.shape(img)[0], tf.shape(img)[1]]), [1, 2, 0])
 
 
 def invert(img):
@@ -218,12 +216,17 @@ class RandAugment:
     return tf.clip_by_value(m, 0.0, c["magnitude_max"])
 
   def __call__(self, img, seed):
-    seeds = T.split_seed(seed, self.cfg["num_layers"])
-    for layer_seed in seeds:
-      s_op, s_apply, s_mag, s_sign = T.split_seed(layer_seed, 4)
+    # One switch_case inside a while_loop: each op is traced once, not once per layer (tracing dominates
+    # pipeline start-up). Index len(ops) is the identity, used when the layer's op is skipped (prob p).
+    seeds = tf.random.experimental.stateless_split(seed, self.cfg["num_layers"])
+    shape = img.shape
+
+    def body(i, x):
+      s_op, s_apply, s_mag, s_sign = T.split_seed(seeds[i], 4)
       idx = tf.random.stateless_uniform((), s_op, 0, len(self.ops), dtype=tf.int32)
+      idx = tf.where(T.uniform(s_apply) < self.cfg["prob"], idx, len(self.ops))
       mag = self._magnitude(s_mag)
-      apply = T.uniform(s_apply) < self.cfg["prob"]
-      branches = [lambda f=f, x=img: f(x, mag, s_sign) for f in self.ops]
-      img = tf.cond(apply, lambda: tf.switch_case(idx, branches), lambda: img)
+      branches = [lambda f=f: tf.ensure_shape(f(x, mag, s_sign), shape) for f in self.ops] + [lambda: x]
+      return i + 1, tf.switch_case(idx, branches)
+    _, img = tf.while_loop(lambda i, x: i < self.cfg["num_layers"], body, (tf.constant(0), img))
     return img
