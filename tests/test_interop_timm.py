@@ -110,3 +110,18 @@ def test_models_timm_lacks_are_refused_with_reasons():
     timm_config("deit_small_patch16_LS", layer_scale=[0.1, 0.2] * 6)
   name, kw = timm_config("deit_small_patch16_224", layer_scale=0.1)
   assert kw["init_values"] == 0.1 and not kw["no_embed_class"]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_exported_file_loads_through_timm_pretrained_overlay(suffix, tmp_path):
+  """What a PyTorch user does with our file: timm's own loader (pretrained_cfg_overlay=dict(file=...))."""
+  from vit_jax_fix.interop.checkpoint_io import save_torch
+  name, kw = CASES["deit3"]
+  model = testing.random_model(name, **kw)
+  path = str(tmp_path / ("m" + suffix))
+  meta = save_torch(model, path, overrides=kw)
+  tmodel = timm.create_model(meta["timm_model"], pretrained=True,
+                             pretrained_cfg_overlay=dict(file=path, num_classes=meta["num_classes"]),
+                             **meta["timm_kwargs"])
+  x, xt = images(seed=4)
+  np.testing.assert_allclose(jax_logits(model, x), torch_logits(tmodel, xt), atol=1e-4, rtol=0)
