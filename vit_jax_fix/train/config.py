@@ -1,0 +1,171 @@
+"""The base training config and its validation.
+
+Every config in ``configs/`` starts from :func:`base_config` and changes values; it never adds keys. An unknown
+or misspelled key (``config.optimizer.weight_decy``, or ``--config.batch_sise=8`` on the command line) is an
+error naming the key and the nearest valid one. Model overrides (``config.model.overrides``) are checked against
+the model's constructor by the registry, data keys against ``vit_jax_fix.data.default_data_config()``.
+
+======================================= ===================================================================
+key                                     meaning
+======================================= ===================================================================
+seed                                    parameters, dropout/drop-path, mixup and data order
+model.name, model.overrides             ``create_model(name, **overrides)``; num_classes and img_size are
+                                        filled from the data unless given
+data.*                                  the input pipeline (see ``vit_jax_fix.data.pipeline``)
+batch_size                              global batch per optimizer update (all devices and processes)
+num_epochs / total_steps                training length; total_steps > 0 wins (optimizer updates)
+optimizer.name                          'adamw' | 'lamb' (DeiT III: trust ratio on decayed params only)
+optimizer.lr, optimizer.lr_batch_scale  peak lr = lr * batch_size / lr_batch_scale (DeiT); 0 = unscaled
+optimizer.weight_decay, .wd_exempt      decoupled weight decay; exempt: 1-D params (biases, norms,
+                                        LayerScale), pos_embed, cls/dist tokens, and regexes in wd_exempt
+optimizer.clip_grad_norm                global-norm clipping (0 = off)
+optimizer.grad_accum_steps              optax.MultiSteps micro-batches per update
+schedule.*                              linear warm-up from warmup_init_lr, then cosine to min_lr, per step
+loss                                    'softmax_ce' (soft targets) | 'bce' (DeiT III)
+ema.decay, ema.evaluate                 parameter EMA (0 = off) and whether it is evaluated too
+train_mode                              False: dropout / drop-path / BN updates off while training (EViT FT)
+bn_recalibration.*                      DeepViT: reset and re-estimate BN statistics before each eval
+mesh.data, mesh.fsdp, sharding.*        device mesh ('data', 'fsdp') and parameter sharding rules
+init_from.*                             fine-tune from a checkpoint/workdir or PyTorch weights
+log_every_steps, eval_every_steps, checkpoint_every_steps, max_to_keep, eval_batch_size, progress_bar
+======================================= ===================================================================
+"""
+from __future__ import annotations
+
+import difflib
+import math
+
+import ml_collections
+
+from vit_jax_fix.data import default_data_config
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def _none(kind):
+  return ml_collections.config_dict.placeholder(kind)
+
+
+def base_config() -> ConfigDict:
+  c = ConfigDict()
+  c.seed = 0
+  c.model = ConfigDict()
+  c.model.name = "deit_small_patch16_224"
+  c.model.overrides = ConfigDict()          # free-form: checked against the model constructor
+  c.data = default_data_config()
+  c.batch_size = 1024
+  c.num_epochs = 300.0
+  c.total_steps = -1
+  c.optimizer = ConfigDict()
+  c.optimizer.name = "adamw"
+  c.optimizer.lr = 5e-4
+  c.optimizer.lr_batch_scale = 512         # 0: lr is used as given (DeiT III --unscale-lr)
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.05
+  c.optimizer.wd_exempt = ("pos_embed", "cls_token", "dist_token")
+  c.optimizer.clip_grad_norm = 0.0
+  c.optimizer.grad_accum_steps = 1
+  c.schedule = ConfigDict()
+  c.schedule.warmup_epochs = 5.0
+  c.schedule.warmup_steps = -1              # > 0 wins over warmup_epochs
+  c.schedule.warmup_init_lr = 1e-6
+  c.schedule.min_lr = 1e-5
+  c.loss = "softmax_ce"
+  c.ema = ConfigDict()
+  c.ema.decay = 0.99996                     # 0 = off
+  c.ema.evaluate = True
+  c.train_mode = True
+  c.bn_recalibration = ConfigDict()
+  c.bn_recalibration.enabled = False
+  c.bn_recalibration.num_batches = 50
+  c.bn_recalibration.batch_size = 256
+  c.mesh = ConfigDict()
+  c.mesh.data = -1                          # -1: all devices left after fsdp
+  c.mesh.fsdp = 1
+  c.sharding = ConfigDict()
+  c.sharding.strategy = "replicated"        # 'replicated' | 'fsdp'
+  c.sharding.fsdp_min_size = 2 ** 12        # smaller arrays stay replicated under FSDP
+  c.sharding.rules = ()                     # ((regex, 'fsdp' | 'replicated'), ...) first match wins
+  c.init_from = ConfigDict()
+  c.init_from.path = ""                     # workdir/checkpoint dir, or .pth/.pt/.bin/.safetensors
+  c.init_from.layout = "official"           # torch key layout: 'official' | 'timm'
+  c.init_from.ema = False                   # take the EMA weights of a checkpoint / state_dict_ema
+  c.init_from.reinit_head = "auto"          # 'auto' (when the class count differs) | True | False
+  c.log_every_steps = 50
+  c.eval_every_steps = -1                   # -1: once per epoch; 0: only at the end
+  c.checkpoint_every_steps = 1000
+  c.max_to_keep = 2
+  c.eval_batch_size = 0                     # 0: batch_size
+  c.progress_bar = True
+  c.debug_step_sleep = 0.0                  # seconds slept per step (tests kill a run mid-way)
+  return c
+
+
+FREE_FORM = ("model.overrides",)
+
+
+def _nearest(key, valid):
+  close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.4)
+  return f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+
+
+def check_keys(config, reference=None, prefix: str = "") -> None:
+  """Raises KeyError for any key of `config` not in `reference` (default: base_config()), recursively."""
+  reference = base_config() if reference is None else reference
+  for key in config.keys():
+    full = f"{prefix}{key}"
+    if key not in reference:
+      raise KeyError(f"unknown config key {full!r}.{_nearest(key, reference.keys())}")
+    if full in FREE_FORM:
+      continue
+    sub, ref = config[key], reference[key]
+    if isinstance(ref, ConfigDict):
+      if not isinstance(sub, (ConfigDict, dict)):
+        raise TypeError(f"config key {full!r} must be a group of keys, got {sub!r}")
+      check_keys(sub, ref, prefix=f"{full}.")
+
+
+def validate(config) -> None:
+  """Key names (nearest-match errors), model overrides, and value ranges."""
+  from vit_jax_fix.models import registry
+  check_keys(config)
+  spec = registry.get_spec(config.model.name)
+  registry.check_overrides(spec.builder, dict(config.model.overrides), f"config.model.overrides ({spec.name})")
+  if config.optimizer.name not in ("adamw", "lamb"):
+    raise ValueError(f"config.optimizer.name={config.optimizer.name!r}: use 'adamw' or 'lamb'.")
+  if config.loss not in ("softmax_ce", "bce"):
+    raise ValueError(f"config.loss={config.loss!r}: use 'softmax_ce' or 'bce'.")
+  if config.sharding.strategy not in ("replicated", "fsdp"):
+    raise ValueError(f"config.sharding.strategy={config.sharding.strategy!r}: use 'replicated' or 'fsdp'.")
+  if config.loss == "bce" and not config.data.bce_targets:
+    raise ValueError("config.loss='bce' (DeiT III) needs config.data.bce_targets=True and label_smoothing=0.")
+  k = int(config.optimizer.grad_accum_steps)
+  if k < 1 or config.batch_size % k:
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by "
+                     f"optimizer.grad_accum_steps={k} (>= 1).")
+  if config.total_steps <= 0 and not config.num_epochs > 0:
+    raise ValueError("set config.num_epochs > 0 or config.total_steps > 0.")
+  if not 0.0 <= config.ema.decay < 1.0:
+    raise ValueError(f"config.ema.decay={config.ema.decay} must be in [0, 1).")
+
+
+def peak_lr(config) -> float:
+  scale = config.optimizer.lr_batch_scale
+  return float(config.optimizer.lr) * (config.batch_size / scale if scale else 1.0)
+
+
+def steps_per_epoch(config, num_train_examples: int) -> int:
+  """Optimizer updates per epoch (at least 1)."""
+  return max(1, num_train_examples // int(config.batch_size))
+
+
+def total_steps(config, num_train_examples: int) -> int:
+  if config.total_steps > 0:
+    return int(config.total_steps)
+  return max(1, int(math.ceil(config.num_epochs * steps_per_epoch(config, num_train_examples))))
+
+
+def from_dict(d: dict) -> ConfigDict:
+  return ConfigDict(d)

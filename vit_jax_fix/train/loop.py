@@ -1,0 +1,231 @@
+"""`train_and_evaluate(config, workdir)`: the whole run as one library call (main.py, notebooks and tests)."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from vit_jax_fix import data as data_lib
+from vit_jax_fix.models import registry
+from vit_jax_fix.train import checkpoint as ckpt
+from vit_jax_fix.train import config as config_lib
+from vit_jax_fix.train import evaluate as eval_lib
+from vit_jax_fix.train import finetune
+from vit_jax_fix.train import metrics as metrics_lib
+from vit_jax_fix.train import optim
+from vit_jax_fix.train import sharding as shard_lib
+from vit_jax_fix.train import state as state_lib
+from vit_jax_fix.train import steps as steps_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+class Setup:
+  """Everything static about a run: mesh, model, optimizer, step counts, shardings, jitted functions."""
+
+  def __init__(self, config, mesh=None):
+    config_lib.validate(config)
+    self.config = config
+    self.mesh = mesh if mesh is not None else shard_lib.mesh_from_config(config)
+    self.num_classes, self.num_train = data_lib.dataset_info(config.data)
+    self.model_defaults = registry.model_defaults(config.model.name)
+    self.model_def = state_lib.ModelDef.create(
+        config.model.name, **state_lib.model_kwargs(config, self.num_classes, config.data.image_size))
+    self.accum = int(config.optimizer.grad_accum_steps)
+    self.micro_batch = int(config.batch_size) // self.accum
+    self.steps_per_epoch = config_lib.steps_per_epoch(config, self.num_train)
+    self.total_updates = config_lib.total_steps(config, self.num_train)
+    self.total_iters = self.total_updates * self.accum
+    self.tx, self.lr = optim.make_optimizer(config, self.model_def.abstract_params(), self.total_updates,
+                                            self.steps_per_epoch)
+    self.ema = float(config.ema.decay) > 0
+    self.init_fn = functools.partial(state_lib.init_train_state, self.model_def, self.tx, int(config.seed),
+                                     self.ema)
+    self.abstract_state = jax.eval_shape(self.init_fn)
+    self.state_sh = shard_lib.state_shardings(self.abstract_state, self.mesh, config)
+    mix = data_lib.mixup_kwargs(config.data, self.num_classes)
+    self.train_step = steps_lib.jit_train_step(steps_lib.make_train_step(
+        self.model_def, self.tx, loss=config.loss, mix_kwargs=mix, ema_decay=float(config.ema.decay),
+        lr_schedule=self.lr, train_mode=bool(config.train_mode), grad_accum_steps=self.accum),
+        self.state_sh, self.mesh)
+    self.eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(self.model_def), self.state_sh["params"],
+                                             self.state_sh["batch_stats"], self.mesh)
+
+  def init_state(self):
+    """Fresh state, created directly in its shardings (never on one device first)."""
+    return jax.jit(self.init_fn, out_shardings=self.state_sh)()
+
+  def abstract_with_shardings(self):
+    return ckpt.abstract_like(self.abstract_state, self.state_sh)
+
+  def meta(self) -> dict:
+    return {"model_name": self.model_def.name, "model_kwargs": self.model_def.kwargs, "has_ema": self.ema,
+            "num_classes": self.num_classes, "image_size": int(self.config.data.image_size),
+            "preprocessing": self.model_defaults}
+
+  def train_batches(self, start_step: int):
+    return data_lib.build_train_iterator(self.config.data, global_batch_size=self.micro_batch,
+                                         seed=int(self.config.seed), start_step=start_step,
+                                         model_defaults=self.model_defaults)
+
+  def eval_batches(self):
+    bs = int(self.config.eval_batch_size) or self.micro_batch
+    return data_lib.build_eval_iterator(self.config.data, global_batch_size=bs, model_defaults=self.model_defaults)
+
+
+def _finetune_init(setup, state):
+  params, stats = jax.device_get((state["params"], state["batch_stats"]))
+  params, stats = finetune.load_pretrained(setup.config, setup.model_def, params, stats)
+  state = dict(state, params=jax.device_put(params, setup.state_sh["params"]),
+               batch_stats=jax.device_put(stats, setup.state_sh["batch_stats"]))
+  if state["ema"] is not None:
+    state["ema"] = {"params": jax.device_put(params, setup.state_sh["ema"]["params"]),
+                    "batch_stats": jax.device_put(stats, setup.state_sh["ema"]["batch_stats"])}
+  return state
+
+
+def run_eval(setup, state, writer, step: int) -> tuple[dict, dict]:
+  """Evaluates the model (and its EMA); DeepViT re-calibrates BatchNorm first when configured. Returns
+  (metrics, state) -- the calibrated statistics are stored in the state, as the official code does."""
+  c = setup.config
+  if c.bn_recalibration.enabled and jax.tree.leaves(state["batch_stats"]):
+    calib = jax.jit(eval_lib.make_calibration_step(setup.model_def),
+                    in_shardings=(setup.state_sh["params"], setup.state_sh["batch_stats"],
+                                  shard_lib.batch_sharding(setup.mesh)),
+                    out_shardings=setup.state_sh["batch_stats"])
+    batches = eval_lib.calibration_batches(c.data, batch_size=int(c.bn_recalibration.batch_size),
+                                           model_defaults=setup.model_defaults)
+    stats = eval_lib.recalibrate_batch_norm(calib, state["params"], state["batch_stats"], batches, setup.mesh,
+                                            int(c.bn_recalibration.num_batches))
+    state = dict(state, batch_stats=jax.device_put(stats, setup.state_sh["batch_stats"]))
+  out = eval_lib.evaluate(setup.eval_step, state["params"], state["batch_stats"], setup.eval_batches(),
+                          setup.mesh, "eval")
+  if state["ema"] is not None and c.ema.evaluate:
+    out.update(eval_lib.evaluate(setup.eval_step, state["ema"]["params"], state["ema"]["batch_stats"],
+                                 setup.eval_batches(), setup.mesh, "eval_ema"))
+  writer.write_scalars(step, out)
+  return out, state
+
+
+def _progress(setup, initial: int):
+  if jax.process_index() != 0 or not setup.config.progress_bar:
+    return None
+  from tqdm import tqdm
+  return tqdm(total=setup.total_iters, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
+  """Trains with checkpoint/resume and periodic evaluation; returns the final eval metrics.
+
+  Restarting on the same workdir resumes from the latest checkpoint (parameters, optimizer, EMA, RNG and
+  data position), so an interrupted run ends bit-identical to an uninterrupted one; a finished workdir is not
+  trained again.
+  """
+  workdir = os.path.abspath(workdir)
+  setup = Setup(config, mesh)
+  c = setup.config
+  if jax.process_index() == 0:
+    ckpt.save_config(workdir, c)
+  writer = metrics_lib.MetricWriter(workdir)
+  mngr = ckpt.manager(workdir, max_to_keep=int(c.max_to_keep) or None)
+  latest = mngr.latest_step()
+  if latest is not None:
+    logging.info("restoring step %d from %s", latest, ckpt.checkpoint_dir(workdir))
+    state = ckpt.restore(mngr, latest, setup.abstract_with_shardings())
+  else:
+    state = setup.init_state()
+    if c.init_from.path:
+      state = _finetune_init(setup, state)
+  step = int(jax.device_get(state["step"]))
+  total = setup.total_iters
+  eval_every = (setup.steps_per_epoch * setup.accum if c.eval_every_steps < 0 else int(c.eval_every_steps))
+
+  if step >= total:
+    rows = [r for r in metrics_lib.read_jsonl(writer.path) if "eval/top1" in r and r["step"] == total]
+    if rows:
+      final = {k: v for k, v in rows[-1].items() if k.startswith("eval")}
+    else:
+      final, state = run_eval(setup, state, writer, step)
+    _announce(final, already=True)
+    mngr.close()
+    writer.close()
+    return final
+
+  batches = setup.train_batches(int(jax.device_get(state["data_position"])))
+  bar = _progress(setup, step)
+  final = None
+  pending = None           # metrics of the previous step, fetched one step late (keeps dispatch async)
+  window, t_window, n_window = [], time.time(), 0
+  images_per_step = setup.micro_batch
+
+  def check(m, at):
+    loss = float(m["train/loss"])
+    if not math.isfinite(loss):
+      raise NonFiniteLossError(f"training loss is {loss} at step {at} (lr {float(m['train/lr']):.3g}, grad norm "
+                               f"{float(m['train/grad_norm']):.3g}); stopping. Lower optimizer.lr, enable "
+                               f"optimizer.clip_grad_norm, or check the data.")
+    return {k: float(v) for k, v in m.items()}
+
+  with ckpt.PreemptionFlag() as preempted:
+    try:
+      while step < total:
+        batch = shard_lib.global_batch(next(batches), setup.mesh)
+        state, m = setup.train_step(state, batch)
+        step += 1
+        if pending is not None:
+          window.append(check(*pending))
+        pending = (m, step)
+        n_window += 1
+        if c.debug_step_sleep:
+          time.sleep(float(c.debug_step_sleep))
+        last = step == total
+        if step % max(1, int(c.log_every_steps)) == 0 or last:
+          window.append(check(*pending))
+          pending = None
+          dt = max(time.time() - t_window, 1e-9)
+          row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+          row["train/images_per_sec"] = n_window * images_per_step / dt
+          row["train/epoch"] = step / (setup.steps_per_epoch * setup.accum)
+          writer.write_scalars(step, row)
+          if bar is not None:
+            bar.set_postfix({"loss": f"{row['train/loss']:.4f}", "img/s": f"{row['train/images_per_sec']:.0f}"})
+          window, t_window, n_window = [], time.time(), 0
+        if bar is not None:
+          bar.update(1)
+        if last or (eval_every > 0 and step % eval_every == 0):
+          final, state = run_eval(setup, state, writer, step)
+          if bar is not None:
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
+                                                   if isinstance(v, float)))
+        if last or step % max(1, int(c.checkpoint_every_steps)) == 0 or preempted:
+          ckpt.save(mngr, step, state, setup.meta(), force=True)
+        if preempted and not last:
+          mngr.wait_until_finished()
+          logging.warning("SIGTERM: saved step %d, exiting; rerun the same command to resume", step)
+          print(f"preempted: checkpoint saved at step {step}; rerun the same command to resume", flush=True)
+          return {"preempted_at": step}
+    finally:
+      if bar is not None:
+        bar.close()
+      mngr.wait_until_finished()
+      mngr.close()
+      writer.close()
+  _announce(final)
+  return final
+
+
+def _announce(final: dict, already: bool = False):
+  if jax.process_index() != 0 or not final:
+    return
+  extra = f", EMA {final['eval_ema/top1']:.4f}" if "eval_ema/top1" in final else ""
+  prefix = "run already finished; " if already else ""
+  print(f"{prefix}final eval top-1: {final['eval/top1']:.4f} (top-5 {final.get('eval/top5', float('nan')):.4f}"
+        f"{extra})", flush=True)

@@ -1,0 +1,79 @@
+"""Optimizers and schedules, built only from optax pieces.
+
+* schedule: ``optax.warmup_cosine_decay_schedule`` -- linear warm-up from ``warmup_init_lr`` to the peak
+  (DeiT: 5e-4 x batch / 512), then cosine to ``min_lr``, evaluated per optimizer update (DeiT steps it per
+  epoch; per step is smoother and ends at the same value).
+* AdamW: ``optax.adamw`` with a weight-decay mask (the DeiT/timm exemptions: every 1-D parameter -- biases,
+  norms, LayerScale gammas, FeatScale gains -- plus ``pos_embed``, ``cls_token``, ``dist_token``).
+* LAMB (DeiT III, apex FusedLAMB): Adam moments, decoupled weight decay and the trust ratio applied to the
+  decayed parameters only (``optax.masked(optax.scale_by_trust_ratio())``), global-norm clipping first.
+* ``optax.clip_by_global_norm`` when ``clip_grad_norm > 0``; ``optax.MultiSteps`` for gradient accumulation.
+* EMA of the parameters: ``optax.incremental_update`` (timm ModelEma), applied after each real update.
+"""
+from __future__ import annotations
+
+import re
+
+import jax
+import optax
+
+from vit_jax_fix.train import config as config_lib
+
+
+def schedule(config, total_updates: int, steps_per_epoch: int) -> optax.Schedule:
+  s = config.schedule
+  warmup = int(s.warmup_steps) if s.warmup_steps > 0 else int(round(s.warmup_epochs * steps_per_epoch))
+  warmup = min(warmup, max(total_updates - 1, 0))
+  peak = config_lib.peak_lr(config)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=float(s.warmup_init_lr) if warmup else peak, peak_value=peak, warmup_steps=warmup,
+      decay_steps=max(total_updates, warmup + 1), end_value=float(s.min_lr))
+
+
+def _path_str(path) -> str:
+  parts = []
+  for k in path:
+    parts.append(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))))
+  return "/".join(parts)
+
+
+def decay_mask(params, exempt=("pos_embed", "cls_token", "dist_token")):
+  """True for parameters that get weight decay: ndim > 1 and no name in `exempt` (regexes)."""
+  pats = [re.compile(p) for p in exempt]
+
+  def decide(path, x):
+    name = _path_str(path)
+    return bool(x.ndim > 1 and not any(p.search(name) for p in pats))
+  return jax.tree.map_with_path(decide, params)
+
+
+def make_optimizer(config, params, total_updates: int, steps_per_epoch: int):
+  """Returns (tx, lr_schedule). `params` may be abstract (only shapes and names are read)."""
+  o = config.optimizer
+  lr = schedule(config, total_updates, steps_per_epoch)
+  mask = decay_mask(params, tuple(o.wd_exempt))
+  parts = []
+  if o.clip_grad_norm and o.clip_grad_norm > 0:
+    parts.append(optax.clip_by_global_norm(float(o.clip_grad_norm)))
+  if o.name == "adamw":
+    parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask))
+  else:  # lamb, apex FusedLAMB semantics: trust ratio only where weight decay applies
+    parts += [optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+              optax.add_decayed_weights(o.weight_decay, mask=mask),
+              optax.masked(optax.scale_by_trust_ratio(), mask),
+              optax.scale_by_learning_rate(lr)]
+  tx = optax.chain(*parts)
+  if int(o.grad_accum_steps) > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=int(o.grad_accum_steps))
+  return tx, lr
+
+
+def updated(tx, opt_state):
+  """Whether the last `tx.update` applied an update (False on MultiSteps' accumulation-only steps)."""
+  if isinstance(tx, optax.MultiSteps):
+    return tx.has_updated(opt_state)
+  return True
+
+
+def ema_update(ema, new, decay: float):
+  return optax.incremental_update(new, ema, step_size=1.0 - decay)

@@ -1,0 +1,104 @@
+"""Device mesh ('data', 'fsdp') and sharding rules for the train state.
+
+Rules map a leaf's path (``blocks/3/attn/qkv/kernel``; optimizer moments carry the same names inside their
+paths) to 'fsdp' or 'replicated'; the first matching regex of ``config.sharding.rules`` wins, otherwise the
+strategy decides. 'fsdp' shards the largest axis divisible by the fsdp size (arrays smaller than
+``fsdp_min_size`` stay replicated). Data parallelism shards only the batch: dimension 0 over both axes.
+"""
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+AXES = ("data", "fsdp")
+BATCH_SPEC = jax.P(AXES)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
+  n = len(devices) if devices is not None else jax.device_count()
+  fsdp = int(fsdp)
+  if fsdp < 1 or n % fsdp:
+    raise ValueError(f"mesh.fsdp={fsdp} must divide the {n} devices.")
+  data = n // fsdp if data in (-1, None, 0) else int(data)
+  if data * fsdp != n:
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} != {n} devices.")
+  kw = {} if devices is None else {"devices": devices}
+  return jax.make_mesh((data, fsdp), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2, **kw)
+
+
+def mesh_from_config(config) -> jax.sharding.Mesh:
+  return make_mesh(config.mesh.data, config.mesh.fsdp)
+
+
+def path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def fsdp_spec(shape, fsdp_size: int, min_size: int) -> jax.P:
+  if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return jax.P()
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[axis] = "fsdp"
+      return jax.P(*spec)
+  return jax.P()
+
+
+def partition_specs(tree, *, strategy: str = "replicated", fsdp_size: int = 1, min_size: int = 2 ** 12,
+                    rules=()):
+  """PartitionSpec per leaf of `tree` (arrays or ShapeDtypeStructs)."""
+  compiled = [(re.compile(p), how) for p, how in rules]
+  for _, how in compiled:
+    if how not in ("fsdp", "replicated"):
+      raise ValueError(f"sharding rule action {how!r}: use 'fsdp' or 'replicated'")
+
+  def spec(path, x):
+    shape = tuple(getattr(x, "shape", ()))
+    name = path_str(path)
+    how = strategy
+    for pat, action in compiled:
+      if pat.search(name):
+        how = action
+        break
+    return fsdp_spec(shape, fsdp_size, min_size) if how == "fsdp" else jax.P()
+  return jax.tree.map_with_path(spec, tree)
+
+
+def state_shardings(tree, mesh, config):
+  specs = partition_specs(tree, strategy=config.sharding.strategy, fsdp_size=mesh.shape["fsdp"],
+                          min_size=int(config.sharding.fsdp_min_size), rules=tuple(config.sharding.rules))
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, jax.P())
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, BATCH_SPEC)
+
+
+def global_batch(batch: dict, mesh) -> dict:
+  """Per-process numpy batch -> global jax.Arrays sharded over the batch dimension on every device."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def maybe_initialize_distributed() -> bool:
+  """`jax.distributed.initialize` when the environment asks for it (JAX_COORDINATOR_ADDRESS with
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a cluster jax detects itself: SLURM, Open MPI, TPU pods)."""
+  import os
+  addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if addr:
+    jax.distributed.initialize(coordinator_address=addr, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+    return True
+  if any(k in os.environ for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")) and \
+      int(os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))) > 1:
+    jax.distributed.initialize()
+    return True
+  return False

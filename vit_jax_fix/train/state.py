@@ -1,0 +1,106 @@
+"""The model as pure pytrees, and the train state as ONE pytree (what Orbax saves is what resume needs).
+
+``ModelDef`` holds the static halves of ``nnx.split`` (a train-mode and an eval-mode graphdef) and
+converts between nnx States and plain nested dicts. The train state is a dict::
+
+    step           int32   micro-steps done (= optimizer updates x grad_accum_steps)
+    data_position  int32   train batches consumed: the input iterator restarts here (start_step)
+    rng            uint32[2]  base key; step k uses fold_in(rng, k) for mixup and dropout / drop-path
+    params         nnx.Param leaves as a nested dict
+    batch_stats    every model variable that is neither a Param nor RNG state (BatchNorm statistics)
+    opt_state      optax state
+    ema            {'params', 'batch_stats'} or None when ema.decay == 0
+
+The model's own RNG streams are not state: they are reseeded from ``fold_in(rng, step)`` inside every step,
+so a resumed run draws the same dropout masks as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vit_jax_fix.models import registry
+
+
+
+def model_kwargs(config, num_classes: int | None = None, image_size: int | None = None) -> dict:
+  kw = dict(config.model.overrides)
+  if num_classes is not None:
+    kw.setdefault("num_classes", int(num_classes))
+  if image_size is not None:
+    kw.setdefault("img_size", int(image_size))
+  return kw
+
+
+def _copy(state):
+  return jax.tree.map(lambda x: x, state)
+
+
+@dataclasses.dataclass
+class ModelDef:
+  """Static description of a model: graphdefs and abstract states, no arrays."""
+  name: str
+  kwargs: dict
+  graphdef_train: Any
+  graphdef_eval: Any
+  params_tmpl: Any        # abstract nnx.State templates
+  stats_tmpl: Any
+  rng_tmpl: Any
+
+  @classmethod
+  def create(cls, name: str, **kwargs) -> "ModelDef":
+    abstract = nnx.eval_shape(lambda: registry.create_model(name, **kwargs))
+    abstract.train()
+    g_train, p, r, s = nnx.split(abstract, nnx.Param, nnx.RngState, ...)
+    abstract.eval()
+    g_eval = nnx.split(abstract, nnx.Param, nnx.RngState, ...)[0]
+    return cls(name, dict(kwargs), g_train, g_eval, p, s, r)
+
+  def abstract_params(self):
+    return nnx.to_pure_dict(self.params_tmpl)
+
+  def abstract_stats(self):
+    return nnx.to_pure_dict(self.stats_tmpl)
+
+  def init(self, seed: int):
+    """(params, batch_stats) as nested dicts, freshly initialised (call under jax.jit)."""
+    model = registry.create_model(self.name, seed=seed, **self.kwargs)
+    _, p, _, s = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    return nnx.to_pure_dict(p), nnx.to_pure_dict(s)
+
+  def merge(self, params, batch_stats, *, train: bool, dropout_key=None):
+    """An nnx model from nested dicts (inside jit). Its RNG streams are reseeded from `dropout_key`."""
+    p, s, r = _copy(self.params_tmpl), _copy(self.stats_tmpl), _copy(self.rng_tmpl)
+    nnx.replace_by_pure_dict(p, params)
+    nnx.replace_by_pure_dict(s, batch_stats)
+    model = nnx.merge(self.graphdef_train if train else self.graphdef_eval, p, r, s)
+    if jax.tree.leaves(r):
+      nnx.reseed(model, dropout=dropout_key if dropout_key is not None else jax.random.key(0))
+    return model
+
+  def stats_of(self, model):
+    return nnx.to_pure_dict(nnx.split(model, nnx.Param, nnx.RngState, ...)[3])
+
+  def model(self, params, batch_stats, *, train: bool = False):
+    """A concrete nnx model outside jit (for diagnostics, export, notebooks)."""
+    m = self.merge(params, batch_stats, train=train)
+    m.train() if train else m.eval()
+    return m
+
+
+def init_train_state(model_def: ModelDef, tx, seed: int, ema: bool):
+  """The full train state (call under jax.jit with out_shardings so it is created sharded)."""
+  params, stats = model_def.init(seed)
+  return {
+      "step": jnp.zeros((), jnp.int32),
+      "data_position": jnp.zeros((), jnp.int32),
+      "rng": jax.random.key_data(jax.random.key(seed + 2)),
+      "params": params,
+      "batch_stats": stats,
+      "opt_state": tx.init(params),
+      "ema": {"params": params, "batch_stats": stats} if ema else None,
+  }

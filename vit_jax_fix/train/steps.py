@@ -1,0 +1,70 @@
+"""Pure train / eval step functions on the train-state pytree, and their sharded jit.
+
+The step works on nested dicts; ``ModelDef.merge`` rebuilds the nnx model inside the trace, so the shardings
+given to ``jax.jit`` apply leaf by leaf to the state.
+"""
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vit_jax_fix.data import mixup_cutmix
+from vit_jax_fix.train import losses
+from vit_jax_fix.train import optim
+from vit_jax_fix.train import sharding as shard_lib
+
+
+def make_train_step(model_def, tx, *, loss: str, mix_kwargs: dict, ema_decay: float, lr_schedule,
+                    train_mode: bool = True, grad_accum_steps: int = 1):
+  loss_of = losses.loss_fn(loss)
+
+  def train_step(state, batch):
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    k_mix, k_drop = jax.random.split(step_key)
+    images, targets = mixup_cutmix(k_mix, batch["image"], batch["label"], **mix_kwargs)
+
+    def objective(params):
+      model = model_def.merge(params, state["batch_stats"], train=train_mode, dropout_key=k_drop)
+      logits = model(images)
+      return loss_of(logits, targets), model_def.stats_of(model)
+
+    (loss_value, new_stats), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    did_update = optim.updated(tx, opt_state)
+    ema = state["ema"]
+    if ema is not None:
+      new_ema = {"params": optim.ema_update(ema["params"], params, ema_decay),
+                 "batch_stats": optim.ema_update(ema["batch_stats"], new_stats, ema_decay)}
+      ema = jax.tree.map(lambda n, o: jnp.where(did_update, n, o), new_ema, ema)
+    update_count = (state["step"] + 1) // grad_accum_steps
+    new_state = dict(state, step=state["step"] + 1, data_position=state["data_position"] + 1, params=params,
+                     batch_stats=new_stats, opt_state=opt_state, ema=ema)
+    metrics = {"train/loss": loss_value, "train/lr": lr_schedule(jnp.maximum(update_count - 1, 0)),
+               "train/grad_norm": optax.global_norm(grads)}
+    return new_state, metrics
+  return train_step
+
+
+def make_eval_step(model_def):
+  def eval_step(params, batch_stats, batch):
+    model = model_def.merge(params, batch_stats, train=False)
+    return losses.eval_metrics(model(batch["image"]), batch["label"], batch["mask"])
+  return eval_step
+
+
+def jit_train_step(fn, state_sh, mesh):
+  rep = shard_lib.replicated(mesh)
+  batch_sh = shard_lib.batch_sharding(mesh)
+  return jax.jit(fn, in_shardings=(state_sh, {"image": batch_sh, "label": batch_sh}),
+                 out_shardings=(state_sh, rep), donate_argnums=(0,))
+
+
+def jit_eval_step(fn, params_sh, stats_sh, mesh):
+  batch_sh = shard_lib.batch_sharding(mesh)
+  return jax.jit(fn, in_shardings=(params_sh, stats_sh, {"image": batch_sh, "label": batch_sh, "mask": batch_sh}),
+                 out_shardings=shard_lib.replicated(mesh))
+
+
