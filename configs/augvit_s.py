@@ -17,9 +17,8 @@ DEMO_RESULT = "not measured yet"
 
 
 def get_config(arg: str = ""):
-  c = common.base()
+  c = common.paper_base()
   c.model.name = "augvit_small_circulant2"
-  c.data.dataset = "imagenet2012"
   c.data.interpolation = "random"
   c.data.color_jitter = 0.4
   c.model.overrides.drop_path_rate = 0.1
@@ -28,4 +27,6 @@ def get_config(arg: str = ""):
   c.optimizer.lr = 1e-3
   c.optimizer.lr_batch_scale = 0
   c.ema.decay = 0.99996
+  if arg == "demo":
+    return common.demo(c, dict(aug_shortcut="circulant2"))
   return common.finish(c, arg)

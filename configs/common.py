@@ -6,14 +6,52 @@ def base():
   return base_config()
 
 
+def paper_base():
+  """ImageNet-1k with the DeiT recipe (the base config's defaults): batch 1024, AdamW 5e-4 x batch/512,
+  300 epochs, RandAugment m9, mixup 0.8 / cutmix 1.0, smoothing 0.1, erasing 0.25, repeated augmentation."""
+  c = base_config()
+  c.data.dataset = "imagenet2012"
+  c.data.image_size = 224
+  c.batch_size = 1024
+  c.num_epochs = 300
+  c.checkpoint_every_steps = 2000
+  c.log_every_steps = 100
+  return c
+
+
+def deit3(c, *, batch: int, lr: float, epochs: int):
+  """DeiT III: LAMB (unscaled lr), clip 1.0, BCE on binarised mixed targets, 3-Augment, no erasing."""
+  c.batch_size = batch
+  c.num_epochs = epochs
+  c.optimizer.name = "lamb"
+  c.optimizer.lr = lr
+  c.optimizer.lr_batch_scale = 0
+  c.optimizer.clip_grad_norm = 1.0
+  c.loss = "bce"
+  c.data.bce_targets = True
+  c.data.label_smoothing = 0.0
+  c.data.augment = "3aug"
+  c.data.color_jitter = 0.3
+  c.data.reprob = 0.0
+  c.ema.evaluate = False
+  c.model.overrides.drop_path_schedule = "constant"
+  return c
+
+
+SHUNTED_DEMO = dict(img_size=32, embed_dims=(32, 64, 96, 128), depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 8),
+                    drop_path_rate=0.0)
+
+
 DEMO_MODEL = dict(img_size=28, patch_size=4, embed_dim=128, depth=6, num_heads=4, drop_path_rate=0.0)
 
 
-def demo(c, model_overrides=None, epochs: float = 30.0):
-  """Turns a paper config into a CPU demo of the same model family on the embedded MNIST-5k."""
-  c.model.overrides = dict(DEMO_MODEL, **(model_overrides or {}))
+def demo(c, model_overrides=None, epochs: float = 30.0, replace: bool = False):
+  """Turns a paper config into a CPU demo of the same model family on the embedded MNIST-5k: depth 6,
+  dim 128, patch 4 at 28 px, light augmentation (no flips or mixing for digits), AdamW 1e-3, batch 128."""
+  overrides = dict(model_overrides or {}) if replace else dict(DEMO_MODEL, **(model_overrides or {}))
+  c.model.overrides = overrides
   c.data.dataset = "demo"
-  c.data.image_size = 28
+  c.data.image_size = int(overrides.get("img_size", 28))
   c.data.augment = "deit"
   c.data.rand_augment = ""
   c.data.color_jitter = 0.0
@@ -31,6 +69,8 @@ def demo(c, model_overrides=None, epochs: float = 30.0):
   c.data.shuffle_buffer = 5000
   c.data.cache = True
   c.loss = "softmax_ce"
+  c.train_mode = True
+  c.ema.evaluate = True
   c.batch_size = 128
   c.num_epochs = epochs
   c.optimizer.name = "adamw"
@@ -39,6 +79,8 @@ def demo(c, model_overrides=None, epochs: float = 30.0):
   c.optimizer.weight_decay = 0.05
   c.optimizer.clip_grad_norm = 1.0
   c.optimizer.grad_accum_steps = 1
+  c.optimizer.b2 = 0.999
+  c.schedule.warmup_steps = -1
   c.schedule.warmup_epochs = 2
   c.schedule.min_lr = 1e-5
   c.ema.decay = 0.999
