@@ -46,12 +46,12 @@ def _conv_init(kernel: int, dout: int, groups: int = 1):
 
 def _conv(din: int, dout: int, kernel: int, stride: int = 1, padding: int = 0, *, rngs: nnx.Rngs,
           groups: int = 1, use_bias: bool = True, dtype=None, precision=None) -> nnx.Conv:
-  """layers.conv (explicit PyTorch padding) with the official Shunted init (normal fan-out, zero bias)."""
-  c = layers.conv(din, dout, kernel, stride, padding, rngs=rngs, groups=groups, use_bias=use_bias, dtype=dtype,
-                  precision=precision, kernel_init=_conv_init(kernel, dout, groups))
-  if use_bias:
-    c.bias.set_value(jnp.zeros_like(c.bias[...]))
-  return c
+  """A Conv2d with PyTorch's explicit symmetric padding (as layers.conv) and the official Shunted init:
+  normal fan-out kernel, zero bias (created zero rather than overwritten, which keeps eval_shape cheap)."""
+  return nnx.Conv(din, dout, (kernel, kernel), (stride, stride), padding=((padding, padding),) * 2,
+                  feature_group_count=groups, use_bias=use_bias, dtype=dtype,
+                  kernel_init=_conv_init(kernel, dout, groups), bias_init=nnx.initializers.zeros_init(),
+                  precision=precision, rngs=rngs)
 
 
 class ReLU(nnx.Module):
