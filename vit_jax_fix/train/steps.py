@@ -43,7 +43,7 @@ def make_train_step(model_def, tx, *, loss: str, mix_kwargs: dict, ema_decay: fl
     new_state = dict(state, step=state["step"] + 1, data_position=state["data_position"] + 1, params=params,
                      batch_stats=new_stats, opt_state=opt_state, ema=ema)
     metrics = {"train/loss": loss_value, "train/lr": lr_schedule(jnp.maximum(update_count - 1, 0)),
-               "train/grad_norm": optax.global_norm(grads)}
+               "train/grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
   return train_step
 
