@@ -9,9 +9,10 @@ from vit_jax_fix.interop import from_official_constructor, from_torch_state_dict
 CASES = golden.cases()
 
 
-def build(case):
+def build(case, **overrides):
   meta, state, outputs = golden.load(case)
-  model = from_official_constructor(golden.registered_name(meta), **meta["constructor"]["kwargs"])
+  model = from_official_constructor(golden.registered_name(meta), overrides=overrides,
+                                    **meta["constructor"]["kwargs"])
   from_torch_state_dict(model, state)
   model.eval()
   return meta, state, outputs, model
@@ -45,6 +46,19 @@ def test_logits_and_blocks_match_official(case):
       continue
     err = np.max(np.abs(np.asarray(got) - ref_block))
     assert err <= golden.block_tol(ref_block), f"{key}: max|diff| {err:.3g}"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "shunted"])
+def test_scanned_blocks_keep_parity(case):
+  """scan_blocks runs runs of identical blocks under one jax.lax.scan: same function, same weights."""
+  meta, state, outputs, model = build(case, scan_blocks=True)
+  with jax.default_matmul_precision("highest"):
+    logits, inter = model(golden.nhwc(outputs["__input__"]), return_intermediates=True)
+  ref = outputs["__logits__"]
+  assert np.max(np.abs(np.asarray(logits) - ref)) <= golden.logits_tol(ref)
+  last = max(int(k.rsplit(".", 1)[1]) for k in outputs if k.startswith("__block_out__."))
+  ref_block = outputs[f"__block_out__.{last}"]
+  assert np.max(np.abs(np.asarray(inter["tokens"][last]) - ref_block)) <= golden.block_tol(ref_block)
 
 
 @pytest.mark.parametrize("case", CASES)

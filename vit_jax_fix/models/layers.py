@@ -65,22 +65,30 @@ def conv(din: int, dout: int, kernel: int, stride: int = 1, padding: int = 0, *,
                   bias_init=torch_default_uniform(fan_in), precision=precision, rngs=rngs)
 
 
-class DropPath(nnx.Module):
-  """Stochastic depth per sample (timm semantics: kept samples are scaled by 1/(1-p))."""
+class DropPathRate(nnx.Variable):
+  """The drop probability of one DropPath, a (non-trainable) variable rather than a static attribute, so
+  blocks that differ only in their rate share one graph and can run under one `jax.lax.scan`."""
 
-  def __init__(self, rate: float, *, rngs: nnx.Rngs):
-    self.rate = float(rate)
+
+class DropPath(nnx.Module):
+  """Stochastic depth per sample (timm semantics: kept samples are scaled by 1/(1-p)).
+
+  `active=False` (the model's maximum rate is 0) removes the RNG stream and the work entirely.
+  """
+
+  def __init__(self, rate: float, *, rngs: nnx.Rngs, active: bool | None = None):
+    self.active = bool(rate > 0) if active is None else bool(active)
+    self.rate = DropPathRate(jnp.asarray(rate, jnp.float32))
     self.deterministic = False
-    # Only a module that drops anything owns an RNG stream (keeps eval-only models free of RNG state).
-    self.rngs = rngs["dropout"].fork() if rate > 0 else nnx.data(None)
+    self.rngs = rngs["dropout"].fork() if self.active else nnx.data(None)
 
   def __call__(self, x):
-    if self.rate == 0.0 or self.deterministic:
+    if not self.active or self.deterministic:
       return x
-    keep = 1.0 - self.rate
+    keep = 1.0 - self.rate[...]
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.rngs(), keep, shape)
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
 
 class Mlp(nnx.Module):

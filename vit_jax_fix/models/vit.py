@@ -55,7 +55,7 @@ class Block(nnx.Module):
                feat_scale_bands: int = 2, feat_scale_impl: str = "fft", aug_shortcut: str | None = None,
                num_cir: int = 4, circulant_impl: str = "fft", aug_paper_form: bool = False,
                scale_adjustment: float = 1.0, keep_rate: float = 1.0, fuse_token: bool = False,
-               dtype=None, precision=None):
+               drop_path_active: bool | None = None, dtype=None, precision=None):
     if feat_scale not in FEAT_SCALE_MODES:
       raise ValueError(f"feat_scale must be one of {FEAT_SCALE_MODES}, got {feat_scale!r}")
     self.scale_adjustment = float(scale_adjustment)
@@ -74,7 +74,7 @@ class Block(nnx.Module):
       self.gamma_2 = nnx.Param(jnp.full((dim,), layer_scale, jnp.float32))
     else:
       self.gamma_1 = self.gamma_2 = nnx.data(None)
-    self.drop_path = layers.DropPath(drop_path, rngs=rngs)
+    self.drop_path = layers.DropPath(drop_path, rngs=rngs, active=drop_path_active)
     self.norm2 = layers.layer_norm(dim, norm_eps, rngs=rngs)
     self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), rngs=rngs, drop=drop, dtype=dtype, precision=precision)
     self.aug_shortcut = shortcuts.check_mode(aug_shortcut)
@@ -189,8 +189,13 @@ class VisionTransformer(nnx.Module):
                feat_scale_bands: int = 2, feat_scale_impl: str = "fft", aug_shortcut: Any = None,
                num_cir: int = 4, circulant_impl: str = "fft", aug_paper_form: bool = False,
                scale_adjustment: float = 1.0, keep_rate: Any = 1.0, keep_rate_blocks: Sequence[int] | None = None,
-               fuse_token: bool = False, dtype=None, precision=None, rngs: nnx.Rngs | None = None):
+               fuse_token: bool = False, scan_blocks: bool = False, remat: bool = False, dtype=None,
+               precision=None, rngs: nnx.Rngs | None = None):
     rngs = rngs if rngs is not None else nnx.Rngs(params=0, dropout=1)
+    # Compile time: consecutive blocks with the same graph run under one jax.lax.scan (the parameter layout
+    # stays per block, so checkpoints and PyTorch conversion do not change); remat recomputes block
+    # activations in the backward pass instead of storing them.
+    self.scan_blocks, self.remat = bool(scan_blocks), bool(remat)
     img = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size, img_size)
     if pos_embed not in ("cls", "patches"):
       raise ValueError(f"pos_embed must be 'cls' (slot for the class token) or 'patches', got {pos_embed!r}")
@@ -253,7 +258,8 @@ class VisionTransformer(nnx.Module):
               reattention_scale=reattention_scale, feat_scale_bands=feat_scale_bands,
               feat_scale_impl=feat_scale_impl, num_cir=num_cir, circulant_impl=circulant_impl,
               aug_paper_form=aug_paper_form, scale_adjustment=scale_adjustment, fuse_token=fuse_token,
-              dtype=dtype, precision=precision, **{k: v[i] for k, v in per_block.items()})
+              drop_path_active=drop_path_rate > 0, dtype=dtype, precision=precision,
+              **{k: v[i] for k, v in per_block.items()})
         for i in range(depth)])
     if class_attn_depth:
       ls = class_attn_layer_scale if class_attn_layer_scale is not None else per_block["layer_scale"][-1]
@@ -267,6 +273,49 @@ class VisionTransformer(nnx.Module):
     self.norm = layers.layer_norm(embed_dim, norm_eps, rngs=rngs)
     self.head = (layers.linear(embed_dim, num_classes, rngs=rngs, precision=precision)
                  if num_classes else nnx.data(None))
+
+  def _segments(self) -> list[list[Block]]:
+    """Blocks grouped for execution: with scan_blocks, runs of consecutive blocks that share one graph
+    (same options; drop-path rates are variables) and keep every token; otherwise one block each."""
+    blocks = list(self.blocks)
+    if not self.scan_blocks:
+      return [[b] for b in blocks]
+    segments: list[list[Block]] = []
+    prev = None
+    for b in blocks:
+      gd = nnx.graphdef(b)
+      if segments and b.keep_rate == 1.0 and prev == gd and segments[-1][-1].keep_rate == 1.0:
+        segments[-1].append(b)
+      else:
+        segments.append([b])
+      prev = gd
+    return segments
+
+  def _run_functional(self, segment, x, grid, return_map):
+    """Run blocks of one graph as a pure function of their stacked states: one traced body under
+    jax.lax.scan (and jax.checkpoint with remat). Updated states (BatchNorm statistics, RNG counters)
+    are written back to the blocks."""
+    graphdef = nnx.graphdef(segment[0])
+    states = [nnx.state(b) for b in segment]
+    num_prefix = self.num_prefix_tokens
+
+    def body(carry, state):
+      blk = nnx.merge(graphdef, state)
+      y, aux = blk(carry, grid=grid, num_prefix=num_prefix, return_map=return_map)
+      return y, (y, aux["attn"], nnx.state(blk))
+
+    if self.remat:
+      body = jax.checkpoint(body)
+    if len(segment) == 1:
+      x, (tok, amap, new) = body(x, states[0])
+      nnx.update(segment[0], new)
+      return x, [tok], [amap]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    x, (toks, maps, new_states) = jax.lax.scan(body, x, stacked)
+    for i, b in enumerate(segment):
+      nnx.update(b, jax.tree.map(lambda a: a[i], new_states))
+    n = len(segment)
+    return x, [toks[i] for i in range(n)], [None if maps is None else maps[i] for i in range(n)]
 
   def embed(self, images):
     """images (B, H, W, C) -> tokens (B, N0, D) entering the first block, and the patch grid."""
@@ -293,8 +342,14 @@ class VisionTransformer(nnx.Module):
     (CaiT class-attention outputs and maps) and 'pre_logits' (B, D)."""
     x, grid = self.embed(images)
     inter = {"embed": x, "tokens": [], "attn": [], "reorg": [], "cls_tokens": [], "cls_attn": []}
-    for blk in self.blocks:
-      x, aux = blk(x, grid=grid, num_prefix=self.num_prefix_tokens, return_map=return_intermediates)
+    for segment in self._segments():
+      if len(segment) > 1 or self.remat:
+        x, tokens, maps = self._run_functional(segment, x, grid, return_intermediates)
+        inter["tokens"] += tokens
+        inter["attn"] += maps
+        inter["reorg"] += [None] * len(segment)
+        continue
+      x, aux = segment[0](x, grid=grid, num_prefix=self.num_prefix_tokens, return_map=return_intermediates)
       if aux["reorg"] is not None:
         grid = None  # the patch grid no longer exists after a reorganisation
       inter["tokens"].append(x)
