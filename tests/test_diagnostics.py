@@ -194,11 +194,12 @@ def test_tuple_attention_and_stage_grids_are_handled():
   s2 = [jnp.asarray(_rng(i).standard_normal((b, 4, 12)), jnp.float32) for i in range(2)]
   attn1 = (_random_attention(0, (b, 1, 16, 4)), _random_attention(1, (b, 1, 16, 16)))
   attn2 = (_random_attention(2, (b, 2, 4, 4)),)
-  inter = {"embed": s1[0], "tokens": s1 + s2, "attn": [attn1, attn1, attn2, attn2]}
+  inter = {"tokens": s1 + s2, "attn": [attn1, attn1, attn2, attn2]}     # no 'embed', like Shunted
   images = jnp.zeros((b, 16, 16, 3))
   sums, static = _measures(inter, images, jnp.ones(b), num_prefix=0, model_grid=None, cfg=D.DiagnosticsConfig())
   res = D.finalize(jax.tree.map(np.asarray, sums), static, D.DiagnosticsConfig(), num_prefix=0)
-  assert res["hf_domain"] == ["2d"] * 5                       # 4x4 grid at stage 1, 2x2 at stage 2
+  assert res["token_depth"] == [1, 2, 3, 4] and len(res["token_similarity"]) == 4
+  assert res["hf_domain"] == ["2d"] * 4                       # 4x4 grid at stage 1, 2x2 at stage 2
   np.testing.assert_allclose(res["attn_similarity_offset"][0], 1.0, atol=1e-5)   # identical maps
   assert res["attn_similarity_offset"][1] is None             # stage change
   np.testing.assert_allclose(res["attn_similarity_offset"][2], 1.0, atol=1e-5)

@@ -8,7 +8,7 @@ accumulates those sums over batches (tqdm progress bar) and divides by the image
 Result (`collect` returns a plain dict of lists/floats, JSON-ready; NaN marks "not defined here"):
 
 - token measures, index 0 = the embedding (tokens entering block 1), index i = output of block i
-  (`token_depth` = [0, 1, ..., L]):
+  (`token_depth` = [0, 1, ..., L]; [1, ..., L] for models without an 'embed' intermediate, e.g. Shunted):
   `feature_diversity` (raw ||Z - 1 z^T||_F), `feature_diversity_rel` (divided by ||Z||_F),
   `token_similarity` (mean pairwise cosine of patch tokens), `hf_energy_share` (1 - DC share of the 2-D
   DFT over the patch grid; the 1-D token-axis DFT where no grid exists, see `hf_domain`),
@@ -94,7 +94,8 @@ def _block_signature(maps) -> tuple | None:
 
 def _measures(inter: Mapping, images, mask, *, num_prefix: int, model_grid, cfg: DiagnosticsConfig):
   """Sums over valid images of every measure, from the model's intermediates. Traced inside jit."""
-  tokens = [inter["embed"]] + list(inter["tokens"])
+  has_embed = inter.get("embed") is not None     # multi-stage models (Shunted) have no single embedding
+  tokens = ([inter["embed"]] if has_embed else []) + list(inter["tokens"])
   attn = [_as_group_list(a) for a in inter["attn"]]
   image_hw = tuple(images.shape[1:3])
   out: dict[str, Any] = {"count": jnp.sum((mask > 0).astype(jnp.float32))}
@@ -172,7 +173,7 @@ def _measures(inter: Mapping, images, mask, *, num_prefix: int, model_grid, cfg:
   out["attn_similarity_offset_frac_above"] = _masked_sum(jnp.moveaxis(frac, 1, 0), mask)
   out["attn_similarity_offset_per_head"] = _masked_sum(jnp.moveaxis(per_head, 1, 0), mask)
 
-  static = {"hf_domain": hf_domain, "signatures": sigs, "depth": depth,
+  static = {"hf_domain": hf_domain, "signatures": sigs, "depth": depth, "has_embed": has_embed,
             "token_shapes": [tuple(z.shape[1:]) for z in tokens]}
   return out, static
 
@@ -250,7 +251,10 @@ def finalize(sums: Mapping[str, np.ndarray], static: Mapping, cfg: DiagnosticsCo
   if skipped:
     notes.append(f"cross-layer attention similarity skipped (NaN/null) where the maps differ in shape "
                  f"(token counts change: EViT reorganisation or Shunted stages); block pairs {skipped}")
-  one_d = [i for i, d in enumerate(static["hf_domain"]) if d == "1d"]
+  first = 0 if static.get("has_embed", True) else 1
+  if not first:
+    notes.append("the model exposes no embedding output: token measures start at block 1")
+  one_d = [i + first for i, d in enumerate(static["hf_domain"]) if d == "1d"]
   if one_d:
     notes.append(f"no patch grid at token depths {one_d}: hf_energy_share there is the 1-D token-axis DFT "
                  f"share and hf_band_share is null")
@@ -259,7 +263,7 @@ def finalize(sums: Mapping[str, np.ndarray], static: Mapping, cfg: DiagnosticsCo
     notes.append(f"token shapes vary with depth: {shapes}")
   per_head = avg["attn_similarity_offset_per_head"]
   return {
-      "token_depth": list(range(depth + 1)),
+      "token_depth": list(range(0 if static.get("has_embed", True) else 1, depth + 1)),
       "attn_depth": list(range(1, depth + 1)),
       "num_images": int(count),
       "feature_diversity": _finite_or_none(avg["feature_diversity"].tolist()),
