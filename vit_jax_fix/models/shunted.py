@@ -256,7 +256,9 @@ class ShuntedTransformer(nnx.Module):
     heads = _per_stage(num_heads, n, "num_heads")
     mlps = _per_stage(mlp_ratios, n, "mlp_ratios")
     srs = _per_stage(sr_ratios, n, "sr_ratios")
-    self.img_size, self.patch_size = img_size, patch_size   # unused, as in the official class
+    # Unused, as in the official class (kept hashable: static attributes key the jit caches).
+    self.img_size = tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
+    self.patch_size = patch_size
     self.num_stages, self.depths, self.embed_dims = n, depths, tuple(dims)
     self.sr_ratios = tuple(int(r) for r in srs)
     self.num_classes = num_classes
