@@ -59,8 +59,9 @@ def diagnose(models: Mapping[str, Any], data: str | Iterable = "demo", *,
 
 
 def load_checkpoint_model(path: str, model_name: str, **overrides):
-  """The model of a trainer checkpoint. Uses `vit_jax_fix.train.checkpoint.load_model(path, ...)`; the
-  trainer owns the checkpoint format. Raises a clear error while that API does not exist."""
+  """The eval-mode model of a trainer checkpoint (a workdir, meaning its latest step, or one step dir), via
+  `vit_jax_fix.train.checkpoint.load_model(path, name=model_name)`; the trainer owns the checkpoint format.
+  Raises a clear error when that API is not importable."""
   try:
     from vit_jax_fix.train import checkpoint as ckpt  # noqa: WPS433
   except ImportError as e:
@@ -75,10 +76,18 @@ def load_checkpoint_model(path: str, model_name: str, **overrides):
   import inspect
   params = inspect.signature(load).parameters
   kwargs = {}
-  if "model_name" in params:
-    kwargs["model_name"] = model_name
-  if overrides and any(p.kind == p.VAR_KEYWORD for p in params.values()):
-    kwargs.update(overrides)
+  # The trainer's signature is load_model(path_or_workdir, name=None, ema=False): `name` is checked
+  # against the model name stored with the checkpoint, which also fixes the architecture.
+  for key in ("name", "model_name"):
+    if key in params:
+      kwargs[key] = model_name
+  if overrides:
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+      kwargs.update(overrides)
+    else:
+      import warnings
+      warnings.warn(f"model overrides {sorted(overrides)} are ignored for checkpoint {path!r}: the checkpoint "
+                    "stores its own model definition")
   loaded = load(path, **kwargs)
   from flax import nnx
   if isinstance(loaded, nnx.Module):
