@@ -102,3 +102,22 @@ def finish(c, arg: str):
   if arg:
     raise ValueError(f"unknown config argument {arg!r}: use '' (paper recipe) or 'demo'")
   return c
+
+
+def deepvit(depth: int, arg: str):
+  """The DeepViT recipe (scripts/*.yaml) for the 16/24/32-block re-attention models."""
+  c = paper_base()
+  c.model.name = f"deepvit_patch16_224_re_attn_{depth}b"
+  c.model.overrides.drop_path_rate = 0.2
+  c.optimizer.lr = 5e-4
+  c.optimizer.lr_batch_scale = 0
+  c.data.repeated_aug = 1
+  c.data.color_jitter = 0.4
+  c.data.interpolation = "random"
+  c.bn_recalibration.enabled = True
+  if depth == 32:  # the 32B yaml mixes less: mixup 0.1, no cutmix
+    c.data.mixup = 0.1
+    c.data.cutmix = 0.0
+  if arg == "demo":
+    return demo(c, dict(reattention=True, num_heads=4))
+  return finish(c, arg)

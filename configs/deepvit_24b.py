@@ -14,15 +14,4 @@ from configs import common
 
 
 def get_config(arg: str = ""):
-  c = common.paper_base()
-  c.model.name = "deepvit_patch16_224_re_attn_24b"
-  c.model.overrides.drop_path_rate = 0.2
-  c.optimizer.lr = 5e-4
-  c.optimizer.lr_batch_scale = 0
-  c.data.repeated_aug = 1
-  c.data.color_jitter = 0.4
-  c.data.interpolation = "random"
-  c.bn_recalibration.enabled = True
-  if arg == "demo":
-    return common.demo(c, dict(reattention=True, num_heads=4))
-  return common.finish(c, arg)
+  return common.deepvit(24, arg)
