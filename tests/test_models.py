@@ -206,3 +206,22 @@ def test_create_model_under_eval_shape_allocates_nothing():
   leaf = jax.tree.leaves(nnx.state(model))[0]
   assert isinstance(leaf, jax.ShapeDtypeStruct)
   assert get_spec("augvit_small_circulant2").preprocessing()["mean"] == (0.5, 0.5, 0.5)
+
+
+def test_scanned_blocks_train_like_the_loop():
+  """scan_blocks changes how blocks run, not what they compute: same loss, gradients and BatchNorm
+  statistics as the per-block loop, in train mode with drop-path off and re-attention BatchNorm on."""
+  kw = dict(TINY, depth=3, num_heads=4)
+
+  def run(scan):
+    model = vit_jax_fix.create_model("deepvit_patch16_224_re_attn_16b", **kw, scan_blocks=scan)
+    model.train()
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    loss, grads = nnx.jit(lambda m: nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(m))(model)
+    return loss, nnx.to_pure_dict(grads), nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+  (l0, g0, s0), (l1, g1, s1) = run(False), run(True)
+  np.testing.assert_allclose(l0, l1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, g1)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s0, s1)
+  assert not np.allclose(s0["blocks"][0]["attn"]["var_norm"]["mean"], 0.0)  # statistics were updated
