@@ -6,14 +6,32 @@ arguments, so a checkpoint alone is enough to rebuild the model.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import threading
+import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "meta")
+QUARANTINE = "corrupt_checkpoints"
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose arrays do not fit the configured model / train state (names the keys and shapes)."""
+
+
+class NoUsableCheckpointError(RuntimeError):
+  """Every checkpoint of a workdir failed to restore."""
+
+
+class ConfigMismatchError(ValueError):
+  """A workdir written by a run with a different training config."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -117,12 +135,161 @@ class PreemptionFlag:
     return self.flag.is_set()
 
 
+def _atomic_write(path: str, text: str) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def save_config(workdir: str, config) -> None:
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  with open(os.path.join(workdir, "config.py.txt"), "w") as f:
-    f.write(str(config))
+  _atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  _atomic_write(os.path.join(workdir, "config.py.txt"), str(config))
+
+
+# Keys that may change between a run and its resumption: they do not change what is trained (bookkeeping,
+# where the data lives, how the state is laid out on devices -- checkpoints restore onto any mesh).
+RESUMABLE_KEYS = ("debug_", "progress_bar", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                  "max_to_keep", "eval_batch_size", "mesh.", "sharding.", "init_from.", "data.data_dir",
+                  "data.folder", "data.prefetch", "data.cache", "nonfinite_policy", "nonfinite_max_skips")
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_differences(saved: dict, config) -> list[str]:
+  """'key: saved -> now' for every trajectory-changing key that differs (RESUMABLE_KEYS excluded)."""
+  now = _flatten(json.loads(config.to_json_best_effort()))
+  before = _flatten(saved)
+  diffs = []
+  for key in sorted(set(now) | set(before)):
+    if key.startswith(RESUMABLE_KEYS) or key in RESUMABLE_KEYS:
+      continue
+    a, b = before.get(key, "<absent>"), now.get(key, "<absent>")
+    if a != b:
+      diffs.append(f"{key}: {a!r} in the workdir, {b!r} now")
+  return diffs
+
+
+def check_config_matches(workdir: str, config) -> None:
+  """Refuses to resume a workdir whose saved config.json trains something else (ConfigMismatchError)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path) or not os.path.isdir(checkpoint_dir(workdir)):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  diffs = config_differences(saved, config)
+  if diffs:
+    shown = "\n  ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else "")
+    raise ConfigMismatchError(
+        f"refusing to resume {workdir!r}: it holds checkpoints of a run with a different config, and resuming "
+        f"would mix two trainings. Differences (saved in {path}):\n  {shown}\nUse a new --workdir for the new "
+        f"config, or rerun with the workdir's values (e.g. --config.<key>=<saved value>). To fine-tune from "
+        f"this run instead, set --config.init_from.path={workdir} with a new --workdir.")
+
+
+# ------------------------------------------------------------------------------------- checkpoint integrity
+
+
+def _shape_table(tree) -> dict:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  from vit_jax_fix.train.sharding import path_str
+  return {path_str(p): tuple(getattr(x, "shape", np.shape(x))) for p, x in leaves}
+
+
+def saved_shapes(step_dir: str) -> dict:
+  """{'params/blocks/0/attn/qkv/kernel': shape, ...} of a step's saved state, from Orbax's metadata only."""
+  md = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state"))
+  return _shape_table(md.item_metadata.tree)
+
+
+def shape_mismatches(expected: dict, found: dict, groups=("params", "batch_stats", "ema")) -> list[str]:
+  """Lines naming every leaf missing, unexpected or of another shape (within `groups`, the model trees)."""
+  pick = lambda t: {k: v for k, v in t.items() if k.split("/")[0] in groups}
+  expected, found = pick(expected), pick(found)
+  out = []
+  for k in sorted(set(expected) | set(found)):
+    if k not in found:
+      out.append(f"{k}: missing from the checkpoint (model expects {expected[k]})")
+    elif k not in expected:
+      out.append(f"{k}: in the checkpoint {found[k]}, not in the model")
+    elif tuple(expected[k]) != tuple(found[k]):
+      out.append(f"{k}: checkpoint {tuple(found[k])} vs model {tuple(expected[k])}")
+  return out
+
+
+def format_mismatch(source: str, lines: list[str], model: str, hint: str) -> str:
+  shown = "\n  ".join(lines[:25]) + (f"\n  ... and {len(lines) - 25} more" if len(lines) > 25 else "")
+  return (f"{source} does not fit the configured model {model}: {len(lines)} mismatched key(s):\n  {shown}\n"
+          f"{hint}")
+
+
+def quarantine(workdir: str, step: int) -> str:
+  """Moves a bad step directory to <workdir>/corrupt_checkpoints/<step>-<time> (kept for inspection)."""
+  src = os.path.join(checkpoint_dir(workdir), str(step))
+  dst_root = os.path.join(os.path.abspath(workdir), QUARANTINE)
+  os.makedirs(dst_root, exist_ok=True)
+  dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
+  shutil.move(src, dst)
+  return dst
+
+
+def restore_latest_good(workdir: str, make_manager, abstract_state, *, model: str = ""):
+  """(manager, state or None, step or None): the newest checkpoint that restores completely.
+
+  Unfinished saves (Orbax's *.orbax-checkpoint-tmp-* directories, left by a kill during a save) are never
+  listed as steps. A listed step that fails to restore (truncated or corrupted files, missing items) is
+  logged as a warning naming its directory, moved to <workdir>/corrupt_checkpoints/, and the previous step
+  is tried. A checkpoint of another model or shape raises CheckpointMismatchError listing the keys; when
+  checkpoints exist but none restores, NoUsableCheckpointError.
+  """
+  mngr = make_manager()
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    return mngr, None, None
+  expected = _shape_table(abstract_state)
+  bad = []
+  for step in steps:
+    step_dir = os.path.join(checkpoint_dir(workdir), str(step))
+    try:
+      found = saved_shapes(step_dir)
+    except Exception as e:  # noqa: BLE001 - unreadable metadata: treat the step as corrupt
+      found, err = None, e
+    if found is not None:
+      lines = shape_mismatches(expected, found)
+      if lines:
+        mngr.close()
+        raise CheckpointMismatchError(format_mismatch(
+            f"checkpoint {step_dir}", lines, model,
+            "This workdir belongs to another model or shape: use a new --workdir, or set "
+            f"--config.init_from.path={workdir} to fine-tune from it (head re-initialised, pos_embed resized)."))
+      try:
+        return mngr, restore(mngr, step, abstract_state), step
+      except Exception as e:  # noqa: BLE001 - any read failure means "this step is unusable"
+        err = e
+    msg = (f"checkpoint {step_dir} is unreadable or incomplete ({type(err).__name__}: "
+           f"{str(err).splitlines()[0][:300] if str(err) else ''}); skipping it")
+    log.warning(msg)
+    print(f"WARNING: {msg}", flush=True)
+    bad.append(step_dir)
+    if jax.process_index() == 0:
+      moved = quarantine(workdir, step)
+      log.warning("moved %s to %s", step_dir, moved)
+    mngr.close()
+    mngr = make_manager()
+  mngr.close()
+  raise NoUsableCheckpointError(
+      f"none of the {len(bad)} checkpoint(s) in {checkpoint_dir(workdir)} could be restored: {bad} (moved to "
+      f"{os.path.join(os.path.abspath(workdir), QUARANTINE)}). Start again with a new --workdir, or rerun this "
+      f"command to train from scratch in this workdir.")
 
 
 def dump_json(path: str, obj) -> None:

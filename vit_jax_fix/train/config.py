@@ -28,6 +28,11 @@ bn_recalibration.*                      DeepViT: reset and re-estimate BN statis
 mesh.data, mesh.fsdp, sharding.*        device mesh ('data', 'fsdp') and parameter sharding rules
 init_from.*                             fine-tune from a checkpoint/workdir or PyTorch weights
 log_every_steps, eval_every_steps, checkpoint_every_steps, max_to_keep, eval_batch_size, progress_bar
+nonfinite_policy, nonfinite_max_skips   NaN/inf loss or gradients: 'stop' (default: error naming the step,
+                                        the metric and the last good checkpoint) | 'skip' (the update is
+                                        dropped, counted in train/nonfinite_skips; stop after max skips)
+debug_step_sleep, debug_crash_at_step,  fault injection for the reliability tests (sleep per step, raise
+debug_nan_at_step                       at a step, NaN loss at a step); never set them in real runs
 ======================================= ===================================================================
 """
 from __future__ import annotations
@@ -99,7 +104,11 @@ def base_config() -> ConfigDict:
   c.max_to_keep = 2
   c.eval_batch_size = 0                     # 0: batch_size
   c.progress_bar = True
+  c.nonfinite_policy = "stop"               # 'stop' | 'skip' (drop non-finite updates, counted)
+  c.nonfinite_max_skips = 100               # 'skip': stop anyway after this many skipped updates
   c.debug_step_sleep = 0.0                  # seconds slept per step (tests kill a run mid-way)
+  c.debug_crash_at_step = -1                # > 0: raise inside the loop once this step has run (tests)
+  c.debug_nan_at_step = -1                  # > 0: the loss of this step is NaN (tests)
   return c
 
 
@@ -149,6 +158,8 @@ def validate(config) -> None:
     raise ValueError("set config.num_epochs > 0 or config.total_steps > 0.")
   if not 0.0 <= config.ema.decay < 1.0:
     raise ValueError(f"config.ema.decay={config.ema.decay} must be in [0, 1).")
+  if config.nonfinite_policy not in ("stop", "skip"):
+    raise ValueError(f"config.nonfinite_policy={config.nonfinite_policy!r}: use 'stop' or 'skip'.")
 
 
 def peak_lr(config) -> float:

@@ -1,8 +1,15 @@
-"""Initialisation from another checkpoint or from PyTorch weights (``config.init_from``).
+"""Initialisation from another checkpoint or from PyTorch / Google weights (``config.init_from``).
 
-Shapes that match are copied; the position embedding is resized (bicubic over the patch grid, prefix tokens
-kept) when the image or patch grid differs; the head is re-initialised when the class count differs
-(``reinit_head='auto'``) or always (``True``). Anything else that does not fit is an error naming the leaf.
+Sources: a trainer workdir / checkpoint dir (ours, or one written by ``interop.save_trainer_checkpoint``), a
+PyTorch ``.pth/.pt/.bin/.safetensors`` file (read by ``vit_jax_fix.interop.checkpoint_io.read_state_dict``:
+``weights_only`` loading, ``{'model'|'state_dict'|'state_dict_ema'}`` wrappers, ``module.`` prefixes) or a
+Google ViT ``.npz`` (``vit_jax_fix.interop.npz.load_npz``).
+
+Shapes that match are copied; the position embedding is resized with
+``vit_jax_fix.interop.position.resize_pos_embed`` (PyTorch's bicubic, prefix tokens kept) when the image or
+patch grid differs; the head is re-initialised when the class count differs (``reinit_head='auto'``) or
+always (``True``). Everything else that does not fit -- missing or extra leaves, other shapes, another
+model -- is one :class:`InitFromMismatch` listing every mismatched key with both shapes.
 """
 from __future__ import annotations
 
@@ -14,45 +21,38 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vit_jax_fix.interop.position import resize_pos_embed as _torch_exact_resize
 from vit_jax_fix.models import registry
 from vit_jax_fix.train import sharding as shard_lib
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
+HEADS = ("head", "head_dist")
+
+
+class InitFromMismatch(ValueError):
+  """The init_from source does not fit the configured model; the message lists each key and shape."""
 
 
 def resize_pos_embed(pe: np.ndarray, target_shape, num_prefix: int) -> np.ndarray:
-  """(1, prefix + Hs*Ws, D) -> (1, prefix + Ht*Wt, D), bicubic on the square grid (timm resample)."""
+  """(1, prefix + Hs*Ws, D) -> (1, prefix + Ht*Wt, D) on square grids, PyTorch bicubic (interop.position)."""
   pe = np.asarray(pe)
-  n_src, n_tgt = pe.shape[1] - num_prefix, target_shape[1] - num_prefix
-  gs, gt = int(math.isqrt(n_src)), int(math.isqrt(n_tgt))
-  if gs * gs != n_src or gt * gt != n_tgt:
+  n_tgt = int(target_shape[1]) - num_prefix
+  gt = int(math.isqrt(n_tgt))
+  if gt * gt != n_tgt:
     raise ValueError(f"pos_embed grids must be square to resize: {pe.shape} -> {tuple(target_shape)}")
-  grid = pe[0, num_prefix:].reshape(gs, gs, -1)
-  out = jax.image.resize(jnp.asarray(grid, jnp.float32), (gt, gt, grid.shape[-1]), method="bicubic")
-  return np.concatenate([pe[:, :num_prefix], np.asarray(out).reshape(1, gt * gt, -1)], axis=1).astype(pe.dtype)
+  return _torch_exact_resize(pe, (gt, gt), num_prefix=num_prefix, method="bicubic").astype(pe.dtype)
 
 
-def _torch_state_dict(path: str, ema: bool) -> dict:
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return dict(load_file(path))
-  if path.endswith(".npz"):
-    return dict(np.load(path))
-  import torch
-  sd = torch.load(path, map_location="cpu", weights_only=False)
-  keys = (("model_ema", "state_dict_ema") if ema else ()) + ("model", "state_dict")
-  for k in keys:
-    if isinstance(sd, dict) and k in sd and isinstance(sd[k], dict):
-      return {n: v.float().numpy() if hasattr(v, "numpy") else np.asarray(v) for n, v in sd[k].items()}
-  if ema:
-    raise ValueError(f"{path}: no EMA weights ('model_ema' / 'state_dict_ema') in this file")
-  return {n: v.float().numpy() if hasattr(v, "numpy") else np.asarray(v) for n, v in sd.items()}
+def _pure(model):
+  _, p, _, s = nnx.split(model, nnx.Param, nnx.RngState, ...)
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(p)), jax.tree.map(np.asarray, nnx.to_pure_dict(s))
 
 
 def _from_torch(path: str, name: str, kwargs: dict, layout: str, ema: bool):
-  """Builds the model at the checkpoint's own class count and grid, loads it, returns (params, stats)."""
+  """Builds the model at the file's own class count and grid, loads it, returns (params, stats)."""
   from vit_jax_fix.interop import from_torch_state_dict
-  sd = _torch_state_dict(path, ema)
+  from vit_jax_fix.interop.checkpoint_io import read_state_dict
+  sd, _ = read_state_dict(path, ema=True if ema else None)
   kw = dict(kwargs)
   head = next((k for k in ("head.weight", "head.fc.weight") if k in sd), None)
   if head is not None:
@@ -65,46 +65,96 @@ def _from_torch(path: str, name: str, kwargs: dict, layout: str, ema: bool):
     if g * g == n:
       kw["img_size"] = g * int(resolved.get("patch_size", 16))
   model = registry.create_model(name, **kw)
-  from_torch_state_dict(model, sd, layout=layout)
-  _, p, _, s = nnx.split(model, nnx.Param, nnx.RngState, ...)
-  return jax.tree.map(np.asarray, nnx.to_pure_dict(p)), jax.tree.map(np.asarray, nnx.to_pure_dict(s))
+  try:
+    from_torch_state_dict(model, sd, layout=layout)
+  except ValueError as e:
+    raise InitFromMismatch(f"init_from {path!r}: {e}") from None
+  return _pure(model)
 
 
-def adapt(src: dict, target: dict, *, num_prefix: int, reinit_head, what: str = "params") -> dict:
-  """Fits source leaves onto the target tree (target: the freshly initialised values)."""
+def _from_npz(path: str, name: str, kwargs: dict):
+  """A Google ViT npz loaded at the model's grid (load_npz resizes it) and the npz's own class count."""
+  from vit_jax_fix.interop.npz import load_npz
+  kw = {k: v for k, v in kwargs.items() if k != "num_classes"}
+  try:
+    model, _ = load_npz(path, name, kw)
+  except (ValueError, KeyError) as e:
+    raise InitFromMismatch(f"init_from {path!r}: {e}") from None
+  return _pure(model)
+
+
+def _leaves(tree) -> dict:
+  return {shard_lib.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def adapt(src: dict, target: dict, *, num_prefix: int, reinit_head, what: str = "params",
+          source: str = "the source weights") -> dict:
+  """Fits source leaves onto the target tree (target: the freshly initialised values). Raises
+  InitFromMismatch listing every leaf that is missing, unexpected or of a shape that cannot be adapted."""
+  found = _leaves(src)
+  problems = []
+
   def fit(path, tgt):
     name = shard_lib.path_str(path)
-    node = src
-    try:
-      for k in path:
-        key = getattr(k, "key", k)
-        node = node[key] if key in node else node[str(key)]
-    except (KeyError, TypeError):
-      raise ValueError(f"init_from: {what} leaf {name!r} is missing from the source weights") from None
-    is_head = name.split("/")[0] in ("head", "head_dist")
+    is_head = name.split("/")[0] in HEADS
+    if name not in found:
+      if is_head and reinit_head is True:
+        return tgt
+      problems.append(f"{what}/{name}: missing from {source} (model {tuple(tgt.shape)})")
+      return tgt
+    node = found[name]
     if is_head and (reinit_head is True or (reinit_head == "auto" and np.shape(node) != tgt.shape)):
       return tgt
     if np.shape(node) == tgt.shape:
       return jnp.asarray(node, tgt.dtype)
-    if name.split("/")[-1] == "pos_embed":
-      return jnp.asarray(resize_pos_embed(node, tgt.shape, num_prefix), tgt.dtype)
-    raise ValueError(f"init_from: {what} leaf {name!r} has shape {np.shape(node)} in the source but "
-                     f"{tgt.shape} in the model, and only the head and pos_embed can be adapted")
-  return jax.tree.map_with_path(fit, target)
+    if name.split("/")[-1] == "pos_embed" and np.ndim(node) == 3 and np.shape(node)[-1] == tgt.shape[-1]:
+      try:
+        return jnp.asarray(resize_pos_embed(node, tgt.shape, num_prefix), tgt.dtype)
+      except ValueError:
+        pass
+    problems.append(f"{what}/{name}: source {tuple(np.shape(node))} vs model {tuple(tgt.shape)}")
+    return tgt
+
+  out = jax.tree.map_with_path(fit, target)
+  expected = _leaves(target)
+  problems += [f"{what}/{k}: in {source} {tuple(np.shape(v))}, not in the model" for k, v in found.items()
+               if k not in expected]
+  if problems:
+    shown = "\n  ".join(problems[:30]) + (f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else "")
+    raise InitFromMismatch(
+        f"init_from: {source} does not fit the model ({len(problems)} mismatched key(s); only the head and "
+        f"pos_embed are adapted):\n  {shown}\nCheck config.model.name and config.model.overrides (depth, "
+        f"embed_dim, patch_size, ...) against the source, or set init_from.reinit_head=True for another head.")
+  return out
 
 
 def load_pretrained(config, model_def, params, batch_stats):
   """New (params, batch_stats) from config.init_from, fitted onto the given (freshly initialised) trees."""
   src_path = config.init_from.path
-  if src_path.endswith(TORCH_SUFFIXES) and os.path.isfile(src_path):
+  if src_path.endswith(".npz") and os.path.isfile(src_path):
+    src_p, src_s = _from_npz(src_path, model_def.name, model_def.kwargs)
+  elif src_path.endswith(TORCH_SUFFIXES) and os.path.isfile(src_path):
     src_p, src_s = _from_torch(src_path, model_def.name, model_def.kwargs, config.init_from.layout,
                                bool(config.init_from.ema))
   else:
     from vit_jax_fix.train.checkpoint import load_state_dicts
     _, _, src_p, src_s = load_state_dicts(src_path, ema=bool(config.init_from.ema))
   resolved = registry.resolve_kwargs(model_def.name, **model_def.kwargs)
-  prefix = 1 if resolved.get("pos_embed", "cls") == "cls" else 0
+  prefix = _num_prefix(resolved, params)
   reinit = config.init_from.reinit_head
-  params = adapt(src_p, params, num_prefix=prefix, reinit_head=reinit)
-  batch_stats = adapt(src_s, batch_stats, num_prefix=prefix, reinit_head=reinit, what="batch_stats")
+  source = f"init_from.path={src_path!r}"
+  params = adapt(src_p, params, num_prefix=prefix, reinit_head=reinit, source=source)
+  batch_stats = adapt(src_s, batch_stats, num_prefix=prefix, reinit_head=reinit, what="batch_stats",
+                      source=source)
   return params, batch_stats
+
+
+def _num_prefix(resolved: dict, params) -> int:
+  """Leading non-patch slots of pos_embed: from the model's own grid when it is known."""
+  pe = params.get("pos_embed") if isinstance(params, dict) else None
+  img, patch = resolved.get("img_size"), resolved.get("patch_size")
+  if pe is not None and img and patch:
+    h, w = (img, img) if not isinstance(img, (list, tuple)) else img
+    return int(np.shape(pe)[1]) - (int(h) // int(patch)) * (int(w) // int(patch))
+  return 1 if resolved.get("pos_embed", "cls") == "cls" else 0
+

@@ -25,7 +25,66 @@ from vit_jax_fix.train import steps as steps_lib
 
 
 class NonFiniteLossError(FloatingPointError):
-  pass
+  """NaN/inf loss or gradients with nonfinite_policy='stop' (or too many skipped updates with 'skip')."""
+
+
+class ConfigError(ValueError):
+  """A config that cannot train on this data / these devices; raised before training starts."""
+
+
+def _dataset_info(config):
+  try:
+    return data_lib.dataset_info(config.data)
+  except data_lib.DataSourceError:
+    raise
+  except ValueError as e:
+    if "num_classes" in str(e):
+      raise ConfigError(f"{e} Fix: leave data.num_classes unset (read from the dataset) or set it to at least "
+                        "the dataset's class count.") from None
+    raise
+
+
+def _warn_empty_class_folders(data_cfg) -> int:
+  """Image folders: class directories without any image become classes nobody trains on; say so (count)."""
+  if data_cfg.dataset != "folder" or not data_cfg.get("folder") or not os.path.isdir(data_cfg.folder):
+    return 0
+  from vit_jax_fix.data.sources import IMAGE_EXTENSIONS, SPLIT_DIR_NAMES
+  root = data_cfg.folder
+  subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+  splits = [d for d in subdirs if d.lower() in SPLIT_DIR_NAMES]
+  roots = [os.path.join(root, d) for d in splits] if splits and splits == subdirs else [root]
+  empty = []
+  for r in roots:
+    for d in sorted(os.scandir(r), key=lambda e: e.name):
+      if d.is_dir() and not d.name.startswith(".") and not any(
+          f.lower().endswith(IMAGE_EXTENSIONS) for _, _, fs in os.walk(d.path) for f in fs):
+        empty.append(os.path.relpath(d.path, root))
+  if empty:
+    msg = (f"image folder {root!r}: {len(empty)} empty class folder(s) {empty[:10]}; they stay classes of the "
+           f"head (labels keep their order) but have no examples")
+    logging.warning(msg)
+    print(f"WARNING: {msg}", flush=True)
+  return len(empty)
+
+
+def _check_num_classes(config, ds_classes: int):
+  n = config.model.overrides.get("num_classes") if hasattr(config.model.overrides, "get") else None
+  if n is not None and int(n) < ds_classes:
+    raise ConfigError(f"config.model.overrides.num_classes={n} but the dataset has {ds_classes} classes: labels "
+                      f"would fall outside the head. Fix: remove model.overrides.num_classes (it is filled from "
+                      f"the data) or set it to {ds_classes}.")
+
+
+def _check_batch(config, mesh, micro_batch: int):
+  n = mesh.size
+  for what, b in (("batch_size", micro_batch), ("eval_batch_size", int(config.eval_batch_size) or micro_batch)):
+    if b % n:
+      per = "batch_size / optimizer.grad_accum_steps" if what == "batch_size" and config.optimizer.grad_accum_steps > 1 \
+          else what
+      raise ConfigError(f"config.{per} = {b} is not divisible by the {n} devices of the mesh {dict(mesh.shape)}: "
+                        f"the batch is split evenly over every device. Fix: --config.{what}="
+                        f"{max(n, b // n * n) if what == 'eval_batch_size' else max(n, b // n * n) * int(config.optimizer.grad_accum_steps)} "
+                        f"(a multiple of {n}), or run on fewer devices (mesh.data / JAX_NUM_CPU_DEVICES).")
 
 
 class Setup:
@@ -34,13 +93,25 @@ class Setup:
   def __init__(self, config, mesh=None):
     config_lib.validate(config)
     self.config = config
-    self.mesh = mesh if mesh is not None else shard_lib.mesh_from_config(config)
-    self.num_classes, self.num_train = data_lib.dataset_info(config.data)
-    self.model_defaults = registry.model_defaults(config.model.name)
-    self.model_def = state_lib.ModelDef.create(
-        config.model.name, **state_lib.model_kwargs(config, self.num_classes, config.data.image_size))
+    if mesh is None:
+      try:
+        mesh = shard_lib.mesh_from_config(config)
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
+    self.mesh = mesh
     self.accum = int(config.optimizer.grad_accum_steps)
     self.micro_batch = int(config.batch_size) // self.accum
+    _check_batch(config, self.mesh, self.micro_batch)
+    self.num_classes, self.num_train = _dataset_info(config)
+    self.empty_class_folders = _warn_empty_class_folders(config.data)
+    _check_num_classes(config, self.num_classes)
+    self.model_defaults = registry.model_defaults(config.model.name)
+    try:
+      self.model_def = state_lib.ModelDef.create(
+          config.model.name, **state_lib.model_kwargs(config, self.num_classes, config.data.image_size))
+    except (ValueError, TypeError, AssertionError) as e:
+      raise ConfigError(f"config.model ({config.model.name!r}, overrides {dict(config.model.overrides)}) cannot "
+                        f"be built: {e}. Fix the value in config.model.overrides.") from None
     self.steps_per_epoch = config_lib.steps_per_epoch(config, self.num_train)
     self.total_updates = config_lib.total_steps(config, self.num_train)
     self.total_iters = self.total_updates * self.accum
@@ -54,7 +125,8 @@ class Setup:
     mix = data_lib.mixup_kwargs(config.data, self.num_classes)
     self.train_step = steps_lib.jit_train_step(steps_lib.make_train_step(
         self.model_def, self.tx, loss=config.loss, mix_kwargs=mix, ema_decay=float(config.ema.decay),
-        lr_schedule=self.lr, train_mode=bool(config.train_mode), grad_accum_steps=self.accum),
+        lr_schedule=self.lr, train_mode=bool(config.train_mode), grad_accum_steps=self.accum,
+        skip_nonfinite=config.nonfinite_policy == "skip", nan_at_step=int(config.debug_nan_at_step)),
         self.state_sh, self.mesh)
     self.eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(self.model_def), self.state_sh["params"],
                                              self.state_sh["batch_stats"], self.mesh)
@@ -132,14 +204,15 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   workdir = os.path.abspath(workdir)
   setup = Setup(config, mesh)
   c = setup.config
+  ckpt.check_config_matches(workdir, c)
+  make_manager = functools.partial(ckpt.manager, workdir, max_to_keep=int(c.max_to_keep) or None)
+  mngr, state, latest = ckpt.restore_latest_good(workdir, make_manager, setup.abstract_with_shardings(),
+                                                 model=f"{setup.model_def.name} {setup.model_def.kwargs}")
   if jax.process_index() == 0:
     ckpt.save_config(workdir, c)
   writer = metrics_lib.MetricWriter(workdir)
-  mngr = ckpt.manager(workdir, max_to_keep=int(c.max_to_keep) or None)
-  latest = mngr.latest_step()
   if latest is not None:
-    logging.info("restoring step %d from %s", latest, ckpt.checkpoint_dir(workdir))
-    state = ckpt.restore(mngr, latest, setup.abstract_with_shardings())
+    logging.info("restored step %d from %s", latest, ckpt.checkpoint_dir(workdir))
   else:
     state = setup.init_state()
     if c.init_from.path:
@@ -166,13 +239,34 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   window, t_window, n_window = [], time.time(), 0
   images_per_step = setup.micro_batch
 
+  last_good = [latest]   # newest checkpoint step written from finite training (None: none yet)
+  skip = c.nonfinite_policy == "skip"
+
+  def good_checkpoint() -> str:
+    if last_good[0] is None:
+      return "none yet (the run would restart from scratch)"
+    return f"step {last_good[0]} at {os.path.join(ckpt.checkpoint_dir(workdir), str(last_good[0]))}"
+
   def check(m, at):
-    loss = float(m["train/loss"])
-    if not math.isfinite(loss):
-      raise NonFiniteLossError(f"training loss is {loss} at step {at} (lr {float(m['train/lr']):.3g}, grad norm "
-                               f"{float(m['train/grad_norm']):.3g}); stopping. Lower optimizer.lr, enable "
-                               f"optimizer.clip_grad_norm, or check the data.")
-    return {k: float(v) for k, v in m.items()}
+    row = {k: float(v) for k, v in m.items()}
+    bad = [k for k in ("train/loss", "train/grad_norm") if not math.isfinite(row[k])]
+    if not bad:
+      return row
+    what = ", ".join(f"{k} = {row[k]}" for k in bad)
+    if skip:
+      n = int(row.get("train/nonfinite_skips", 0))
+      logging.warning("non-finite %s at step %d: update skipped (%d skipped so far)", what, at, n)
+      print(f"WARNING: non-finite {what} at step {at}: update skipped ({n} skipped so far)", flush=True)
+      if n > int(c.nonfinite_max_skips):
+        raise NonFiniteLossError(f"{n} updates skipped for NaN/inf (more than nonfinite_max_skips="
+                                 f"{c.nonfinite_max_skips}); last at step {at} ({what}). Last good checkpoint: "
+                                 f"{good_checkpoint()}.")
+      return {k: v for k, v in row.items() if k not in bad}
+    raise NonFiniteLossError(
+        f"non-finite {what} at step {at} (lr {row['train/lr']:.3g}); stopping. Last good checkpoint: "
+        f"{good_checkpoint()} -- rerunning the same command resumes from it. Lower optimizer.lr, enable "
+        f"optimizer.clip_grad_norm, check the data, or set --config.nonfinite_policy=skip to drop such updates "
+        f"(counted in train/nonfinite_skips).")
 
   with ckpt.PreemptionFlag() as preempted:
     try:
@@ -186,12 +280,22 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
         n_window += 1
         if c.debug_step_sleep:
           time.sleep(float(c.debug_step_sleep))
+        if step == int(c.debug_crash_at_step):
+          raise RuntimeError(f"debug_crash_at_step: injected crash in the train step at step {step}")
         last = step == total
-        if step % max(1, int(c.log_every_steps)) == 0 or last:
-          window.append(check(*pending))
+        saving = last or step % max(1, int(c.checkpoint_every_steps)) == 0 or bool(preempted)
+        evaluating = last or (eval_every > 0 and step % eval_every == 0)
+        logging_now = step % max(1, int(c.log_every_steps)) == 0 or last
+        if pending is not None and (saving or evaluating or logging_now):
+          window.append(check(*pending))   # never evaluate or save a state from a non-finite step
           pending = None
+        if logging_now and window:
           dt = max(time.time() - t_window, 1e-9)
-          row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+          keys = set().union(*window)
+          row = {k: float(np.mean([w[k] for w in window if k in w])) for k in sorted(keys)
+                 if any(k in w for w in window)}
+          if "train/nonfinite_skips" in keys:
+            row["train/nonfinite_skips"] = window[-1].get("train/nonfinite_skips", 0.0)
           row["train/images_per_sec"] = n_window * images_per_step / dt
           row["train/epoch"] = step / (setup.steps_per_epoch * setup.accum)
           writer.write_scalars(step, row)
@@ -200,13 +304,14 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
           window, t_window, n_window = [], time.time(), 0
         if bar is not None:
           bar.update(1)
-        if last or (eval_every > 0 and step % eval_every == 0):
+        if evaluating:
           final, state = run_eval(setup, state, writer, step)
           if bar is not None:
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
                                                    if isinstance(v, float)))
-        if last or step % max(1, int(c.checkpoint_every_steps)) == 0 or preempted:
+        if saving:
           ckpt.save(mngr, step, state, setup.meta(), force=True)
+          last_good[0] = step
         if preempted and not last:
           mngr.wait_until_finished()
           logging.warning("SIGTERM: saved step %d, exiting; rerun the same command to resume", step)

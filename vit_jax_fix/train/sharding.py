@@ -21,10 +21,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
   n = len(devices) if devices is not None else jax.device_count()
   fsdp = int(fsdp)
   if fsdp < 1 or n % fsdp:
-    raise ValueError(f"mesh.fsdp={fsdp} must divide the {n} devices.")
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    raise ValueError(f"mesh.fsdp={fsdp} must divide the {n} devices: set --config.mesh.fsdp to one of "
+                     f"{divisors}.")
   data = n // fsdp if data in (-1, None, 0) else int(data)
   if data * fsdp != n:
-    raise ValueError(f"mesh data={data} x fsdp={fsdp} != {n} devices.")
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} does not match the {n} devices "
+                     f"({jax.devices()[0].platform if devices is None else 'given'}): set "
+                     f"--config.mesh.data=-1 (use all devices) or --config.mesh.data={n // fsdp} with "
+                     f"mesh.fsdp={fsdp}.")
   kw = {} if devices is None else {"devices": devices}
   return jax.make_mesh((data, fsdp), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2, **kw)
 

@@ -10,6 +10,7 @@ converts between nnx States and plain nested dicts. The train state is a dict::
     batch_stats    every model variable that is neither a Param nor RNG state (BatchNorm statistics)
     opt_state      optax state
     ema            {'params', 'batch_stats'} or None when ema.decay == 0
+    nonfinite_skips int32  updates dropped for a NaN/inf loss or gradient (nonfinite_policy='skip')
 
 The model's own RNG streams are not state: they are reseeded from ``fold_in(rng, step)`` inside every step,
 so a resumed run draws the same dropout masks as an uninterrupted one.
@@ -103,4 +104,5 @@ def init_train_state(model_def: ModelDef, tx, seed: int, ema: bool):
       "batch_stats": stats,
       "opt_state": tx.init(params),
       "ema": {"params": params, "batch_stats": stats} if ema else None,
+      "nonfinite_skips": jnp.zeros((), jnp.int32),
   }

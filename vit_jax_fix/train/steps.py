@@ -17,7 +17,11 @@ from vit_jax_fix.train import sharding as shard_lib
 
 
 def make_train_step(model_def, tx, *, loss: str, mix_kwargs: dict, ema_decay: float, lr_schedule,
-                    train_mode: bool = True, grad_accum_steps: int = 1):
+                    train_mode: bool = True, grad_accum_steps: int = 1, skip_nonfinite: bool = False,
+                    nan_at_step: int = -1):
+  """skip_nonfinite: a step whose loss or gradient norm is NaN/inf leaves params, statistics, optimizer and
+  EMA unchanged (step and data position still advance) and increments state['nonfinite_skips'].
+  nan_at_step > 0 makes the loss of that (1-based) step NaN: fault injection for tests."""
   loss_of = losses.loss_fn(loss)
 
   def train_step(state, batch):
@@ -28,7 +32,10 @@ def make_train_step(model_def, tx, *, loss: str, mix_kwargs: dict, ema_decay: fl
     def objective(params):
       model = model_def.merge(params, state["batch_stats"], train=train_mode, dropout_key=k_drop)
       logits = model(images)
-      return loss_of(logits, targets), model_def.stats_of(model)
+      value = loss_of(logits, targets)
+      if nan_at_step > 0:
+        value = jnp.where(state["step"] + 1 == nan_at_step, jnp.nan, value)
+      return value, model_def.stats_of(model)
 
     (loss_value, new_stats), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -40,10 +47,22 @@ def make_train_step(model_def, tx, *, loss: str, mix_kwargs: dict, ema_decay: fl
                  "batch_stats": optim.ema_update(ema["batch_stats"], new_stats, ema_decay)}
       ema = jax.tree.map(lambda n, o: jnp.where(did_update, n, o), new_ema, ema)
     update_count = (state["step"] + 1) // grad_accum_steps
+    grad_norm = optax.tree.norm(grads)
+    skips = state.get("nonfinite_skips", jnp.zeros((), jnp.int32))
+    if skip_nonfinite:
+      finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      params, new_stats = keep(params, state["params"]), keep(new_stats, state["batch_stats"])
+      opt_state, ema = keep(opt_state, state["opt_state"]), keep(ema, state["ema"])
+      skips = skips + jnp.where(finite, 0, 1).astype(skips.dtype)
     new_state = dict(state, step=state["step"] + 1, data_position=state["data_position"] + 1, params=params,
                      batch_stats=new_stats, opt_state=opt_state, ema=ema)
+    if "nonfinite_skips" in state:
+      new_state["nonfinite_skips"] = skips
     metrics = {"train/loss": loss_value, "train/lr": lr_schedule(jnp.maximum(update_count - 1, 0)),
-               "train/grad_norm": optax.tree.norm(grads)}
+               "train/grad_norm": grad_norm}
+    if skip_nonfinite:
+      metrics["train/nonfinite_skips"] = skips
     return new_state, metrics
   return train_step
 
