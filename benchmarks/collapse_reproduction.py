@@ -11,7 +11,8 @@ num_heads=3, mlp_ratio=2, num_classes=10, **fix)` with fix in
   featscale    feat_scale='double'         (official ViT FeatScale)
   attnscale    attn_scale=True
   reattention  reattention=True            (DeepViT, every block)
-All start from the same seed (shared parameters are identical at init).
+All start from the same seed (shared parameters are identical at init). Blocks run under `scan_blocks=True`
+(same function, one compiled block body: a 24-block model compiles in seconds instead of many minutes).
 
 Training: the trainer (vit_jax_fix.train) was not available when this was written, so this script trains with
 optax directly: AdamW (lr 1e-3, wd 0.05, 10% linear warm-up then cosine, clip 1.0), batch 32, 100 steps, no augmentation,
@@ -77,7 +78,7 @@ def load_split(split: str, image_size: int, limit: int | None = None):
 def build(args, fix: dict):
   return create_model("deit_tiny_patch16_224", img_size=args.img_size, patch_size=args.patch_size,
                       embed_dim=args.dim, depth=args.depth, num_heads=args.heads, mlp_ratio=args.mlp_ratio,
-                      num_classes=10, seed=args.seed, **fix)
+                      num_classes=10, seed=args.seed, scan_blocks=True, **fix)
 
 
 def train(model, x, y, args):

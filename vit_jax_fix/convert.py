@@ -68,7 +68,7 @@ def import_weights(weights: str, out: str, *, name: str | None = None, overrides
   return {"checkpoint": path, **{k: v for k, v in info.items() if k != "metadata"}}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m vit_jax_fix.convert", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
@@ -94,7 +94,11 @@ def main(argv=None) -> int:
                  help="torch.load(weights_only=False): runs code stored in the file; trusted files only")
   f.add_argument("--resize", choices=("bilinear", "bicubic"), default="bilinear",
                  help="npz: position-embedding interpolation when the grid differs")
-  args = p.parse_args(argv)
+  return p
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
 
   from vit_jax_fix.interop.checkpoint_io import UnsafeCheckpoint
   from vit_jax_fix.interop.state_dict import StateDictMismatch
