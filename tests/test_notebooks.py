@@ -7,6 +7,7 @@ Run just these:  python -m pytest tests/test_notebooks.py -q
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
 import subprocess
@@ -20,9 +21,25 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 900
 
 
-def kernel_env(workdir: pathlib.Path) -> dict:
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory):
+  """The embedded demo set prepared once for all notebook kernels (and all xdist workers: a file lock), so
+  that kernels never prepare it concurrently and the user's ~/.cache is left alone."""
+  root = tmp_path_factory.getbasetemp().parent / "vit_jax_fix_notebook_data"
+  root.mkdir(exist_ok=True)
+  with open(root / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    from vit_jax_fix import data as vdata
+    cfg = vdata.default_data_config()
+    cfg.dataset, cfg.data_dir = "demo", str(root)
+    vdata.dataset_info(cfg)  # prepares it when missing
+  return root
+
+
+def kernel_env(workdir: pathlib.Path, data_dir: pathlib.Path) -> dict:
   env = dict(os.environ, VIT_JAX_FIX_NOTEBOOK_SMALL="1", VIT_JAX_FIX_NOTEBOOK_WORKDIR=str(workdir),
-             TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
+             VIT_JAX_FIX_DATA_DIR=str(data_dir), TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+             JAX_PLATFORMS="cpu")
   # The notebooks run as a user's would: one CPU device, not the 8 simulated devices of the other tests.
   env.pop("JAX_NUM_CPU_DEVICES", None)
   env.pop("MPLBACKEND", None)  # the kernel's inline backend draws the figures
@@ -51,7 +68,7 @@ def test_notebooks_match_generator():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, tmp_path):
+def test_notebook_runs(path, tmp_path, demo_data_dir):
   from nbclient import NotebookClient
   from nbclient.exceptions import CellExecutionError
 
@@ -59,7 +76,7 @@ def test_notebook_runs(path, tmp_path):
   client = NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
                           resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
   try:
-    client.execute(env=kernel_env(tmp_path / "workdir"))
+    client.execute(env=kernel_env(tmp_path / "workdir", demo_data_dir))
   except CellExecutionError as e:
     pytest.fail(f"{path.name} failed in small mode:\n{e}", pytrace=False)
   finally:
