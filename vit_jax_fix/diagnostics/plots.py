@@ -1,4 +1,4 @@
-"""Plots of the collapse measures (matplotlib, Agg backend: no display needed).
+"""Plots of the collapse measures (matplotlib Figure objects: no display and no global backend needed).
 
 `plot_measures_vs_depth(results, path)`: one panel per measure, measure vs depth, one line per model.
 `plot_attention_similarity(results, path)`: one heat map of the (L, L) cross-layer attention similarity per
@@ -14,10 +14,7 @@ import math
 import pathlib
 from typing import Mapping
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 import numpy as np  # noqa: E402
 
 PANELS = (
@@ -39,7 +36,8 @@ def _safe(label: str) -> str:
 
 
 def plot_measures_vs_depth(results: Mapping[str, dict], path, *, title: str = "") -> pathlib.Path:
-  fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+  fig = Figure(figsize=(15, 8))
+  axes = fig.subplots(2, 3)
   for ax, (key, depth_key, label) in zip(axes.ravel(), PANELS):
     for name, res in results.items():
       y = _arr(res[key])
@@ -62,7 +60,6 @@ def plot_measures_vs_depth(results: Mapping[str, dict], path, *, title: str = ""
   fig.tight_layout()
   path = pathlib.Path(path)
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
@@ -70,7 +67,8 @@ def plot_attention_similarity(results: Mapping[str, dict], path, *, title: str =
   n = max(len(results), 1)
   cols = min(n, 3)
   rows = math.ceil(n / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.2 * rows), squeeze=False)
+  fig = Figure(figsize=(4.6 * cols, 4.2 * rows))
+  axes = fig.subplots(rows, cols, squeeze=False)
   for ax in axes.ravel()[n:]:
     ax.axis("off")
   for ax, (name, res) in zip(axes.ravel(), results.items()):
@@ -86,7 +84,6 @@ def plot_attention_similarity(results: Mapping[str, dict], path, *, title: str =
   fig.tight_layout()
   path = pathlib.Path(path)
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
@@ -94,7 +91,8 @@ def plot_hf_bands(results: Mapping[str, dict], path, *, title: str = "") -> path
   n = max(len(results), 1)
   cols = min(n, 3)
   rows = math.ceil(n / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+  fig = Figure(figsize=(4.6 * cols, 3.6 * rows))
+  axes = fig.subplots(rows, cols, squeeze=False)
   for ax in axes.ravel()[n:]:
     ax.axis("off")
   for ax, (name, res) in zip(axes.ravel(), results.items()):
@@ -111,7 +109,6 @@ def plot_hf_bands(results: Mapping[str, dict], path, *, title: str = "") -> path
   fig.tight_layout()
   path = pathlib.Path(path)
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
