@@ -1,0 +1,207 @@
+"""Compact PyTorch reference models for the families whose official repositories are not installable here.
+
+Written from the math in ../shared/reference/*.md (not copied from the official code). They follow the
+*official* formulation, including its cost, so that the speed comparison is against what the official code
+executes:
+
+- attention is the timm-0.3/0.4-era explicit form (q k^T, softmax, A v), as in the AugViT, DeepViT,
+  Anti-oversmoothing and EViT repositories (they all need or expose the map);
+- AugViT `Circulant_Linear` gathers the dense (D, D) matrix W = weight_list[index_matrix] on every call;
+- FeatScale is the token mean (DC) / remainder (HC) form with the ViT code's double add;
+- AttnScale materialises A_hat = A_LP + (1 + lamb)(A - A_LP);
+- DeepViT re-attention is Conv2d(H, H, 1) + BatchNorm2d over heads after the softmax;
+- EViT keeps the top-k class-attention tokens (sorted, from the residual stream after the attention
+  residual) and fuses the rest into one token, weights not renormalised, appended last.
+
+The state_dict keys are the official keys (what `to_torch_state_dict(model, layout='official')` writes), so
+`load_state_dict(strict=True)` checks the architecture. `RefViT()` with no option is the official (2020) DeiT
+code with explicit attention.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CirculantLinear(nn.Module):
+  """Official AugViT form: dense weight gathered from `weight_list` by the persistent `index_matrix`."""
+
+  def __init__(self, din: int, dout: int, num_cir: int = 4):
+    super().__init__()
+    m = min(din, dout)
+    b = m // num_cir
+    k_in, k_out = din // b, dout // b
+    self.weight_list = nn.Parameter(torch.zeros(k_out * k_in * b))
+    self.bias = nn.Parameter(torch.zeros(dout))
+    r = torch.arange(b)[:, None]
+    c = torch.arange(b)[None, :]
+    pattern = (r - c) % b
+    offsets = (torch.arange(k_out)[:, None] * k_in + torch.arange(k_in)[None, :]) * b
+    full = offsets[:, :, None, None] + pattern[None, None]
+    self.register_buffer("index_matrix", full.permute(0, 2, 1, 3).reshape(dout, din).long())
+
+  def forward(self, x):
+    return F.linear(x, self.weight_list[self.index_matrix], self.bias)
+
+
+class Mlp(nn.Module):
+  def __init__(self, dim, hidden):
+    super().__init__()
+    self.fc1 = nn.Linear(dim, hidden)
+    self.act = nn.GELU()
+    self.fc2 = nn.Linear(hidden, dim)
+
+  def forward(self, x):
+    return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+  def __init__(self, dim, num_heads, attn_scale=False, reattention=False):
+    super().__init__()
+    self.num_heads = num_heads
+    self.head_dim = dim // num_heads
+    self.scale = self.head_dim ** -0.5
+    if attn_scale:
+      self.lamb = nn.Parameter(torch.zeros(num_heads))
+    else:
+      self.lamb = None
+    self.reattention = reattention
+    if reattention:
+      self.reatten_matrix = nn.Conv2d(num_heads, num_heads, 1)
+      self.var_norm = nn.BatchNorm2d(num_heads)
+    self.qkv = nn.Linear(dim, 3 * dim)
+    self.proj = nn.Linear(dim, dim)
+
+  def forward(self, x):
+    b, n, d = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]                                   # (B, H, N, Dh)
+    attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+    a = attn
+    if self.reattention:
+      a = self.var_norm(self.reatten_matrix(a))
+    if self.lamb is not None:
+      lam = self.lamb[None, :, None, None]
+      a = (1 + lam) * a - lam / n                                       # A_LP + (1 + lamb)(A - A_LP)
+    out = (a @ v).transpose(1, 2).reshape(b, n, d)
+    return self.proj(out), attn
+
+
+class Block(nn.Module):
+  def __init__(self, dim, num_heads, mlp_ratio=4.0, *, attn_scale=False, reattention=False, feat_scale=False,
+               aug_circulant2=False, num_cir=4, keep_rate=1.0, fuse_token=True):
+    super().__init__()
+    self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+    self.attn = Attention(dim, num_heads, attn_scale=attn_scale, reattention=reattention)
+    self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio))
+    self.feat_scale = feat_scale
+    if feat_scale:
+      self.lamb1 = nn.Parameter(torch.zeros(dim))
+      self.lamb2 = nn.Parameter(torch.zeros(dim))
+    self.aug = aug_circulant2
+    if aug_circulant2:
+      mk = lambda: nn.Sequential(CirculantLinear(dim, dim, num_cir), nn.GELU())
+      self.augs_attn, self.augs, self.augs_attn2, self.augs2 = mk(), mk(), mk(), mk()
+    self.keep_rate = keep_rate
+    self.fuse_token = fuse_token
+
+  def _reorganize(self, x, attn):
+    n = x.shape[1]
+    k = math.ceil(self.keep_rate * (n - 1))
+    if k >= n - 1:
+      return x
+    scores = attn[:, :, 0, 1:].mean(dim=1)                              # (B, N - 1)
+    _, idx = torch.topk(scores, k, dim=1, largest=True, sorted=True)
+    others = x[:, 1:]
+    kept = torch.gather(others, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+    parts = [x[:, :1], kept]
+    if self.fuse_token:
+      dropped = torch.ones_like(scores).scatter(1, idx, 0.0)
+      parts.append(torch.einsum("bn,bnd->bd", scores * dropped, others).unsqueeze(1))
+    return torch.cat(parts, dim=1)
+
+  def forward(self, x):
+    u = self.norm1(x)
+    a, attn = self.attn(u)
+    if self.feat_scale:
+      dc = a.mean(dim=1, keepdim=True)
+      hc = a - dc
+      a = a + self.lamb1 * dc + self.lamb2 * hc
+      a = a + self.lamb1 * dc + self.lamb2 * hc          # the official ViT code adds the term twice
+    x = x + a
+    if self.aug:
+      x = (x + self.augs_attn(u) + self.augs_attn2(u)) * 3.0 / 4
+    if self.keep_rate < 1.0:
+      x = self._reorganize(x, attn)
+    v = self.norm2(x)
+    x = x + self.mlp(v)
+    if self.aug:
+      x = (x + self.augs(v) + self.augs2(v)) * 3.0 / 4
+    return x
+
+
+class RefViT(nn.Module):
+  """DeiT backbone (cls token, pos_embed with the cls slot, head on token 0) with per-block options."""
+
+  def __init__(self, *, img_size=224, patch_size=16, num_classes=1000, embed_dim=384, depth=12, num_heads=6,
+               mlp_ratio=4.0, keep_rates=None, **block_kwargs):
+    super().__init__()
+    self.patch_embed = nn.Module()
+    self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
+    n = (img_size // patch_size) ** 2
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+    self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, embed_dim))
+    keep_rates = keep_rates or [1.0] * depth
+    self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, keep_rate=keep_rates[i], **block_kwargs)
+                                 for i in range(depth)])
+    self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+    self.head = nn.Linear(embed_dim, num_classes)
+
+  def forward(self, images):
+    x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
+    x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+    for blk in self.blocks:
+      x = blk(x)
+    return self.head(self.norm(x)[:, 0])
+
+
+def reference_for(name: str, **overrides) -> RefViT:
+  """The reference model of a registered name of the augvit / deepvit / ao / evit families (or plain DeiT-S
+  with explicit attention for 'deit_small_patch16_224')."""
+  from vit_jax_fix.interop.timm_models import full_kwargs
+  kw = full_kwargs(name, **overrides)
+  base = dict(img_size=kw["img_size"], patch_size=kw["patch_size"], num_classes=kw["num_classes"],
+              embed_dim=kw["embed_dim"], depth=kw["depth"], num_heads=kw["num_heads"], mlp_ratio=kw["mlp_ratio"])
+  if kw.get("stem", "patch") != "patch" or float(kw.get("scale_adjustment", 1.0)) != 1.0:
+    raise NotImplementedError(f"{name}: the CNN stem / scale adjustment are not in the reference module")
+  opts = {}
+  if kw.get("aug_shortcut"):
+    if kw["aug_shortcut"] != "circulant2":
+      raise NotImplementedError(f"{name}: only aug_shortcut='circulant2' is in the reference module")
+    opts.update(aug_circulant2=True, num_cir=kw["num_cir"])
+  for key in ("attn_scale", "reattention"):
+    v = kw.get(key)
+    if v:
+      if v is not True:
+        raise NotImplementedError(f"{name}: per-block {key} is not in the reference module")
+      opts[key] = True
+  if kw.get("reattention_scale"):
+    raise NotImplementedError(f"{name}: reattention_scale is not in the reference module")
+  if kw.get("feat_scale"):
+    if kw["feat_scale"] != "double":
+      raise NotImplementedError(f"{name}: only the ViT FeatScale (double add) is in the reference module")
+    opts["feat_scale"] = True
+  kr = kw.get("keep_rate", 1.0)
+  if isinstance(kr, (list, tuple)) or float(kr) < 1.0:
+    blocks = kw.get("keep_rate_blocks")
+    if blocks is not None:
+      chosen = {i % kw["depth"] for i in blocks}
+      base["keep_rates"] = [float(kr) if i in chosen else 1.0 for i in range(kw["depth"])]
+    else:
+      base["keep_rates"] = [float(r) for r in kr] if isinstance(kr, (list, tuple)) else [float(kr)] * kw["depth"]
+    opts["fuse_token"] = bool(kw.get("fuse_token", False))
+  return RefViT(**base, **opts)
