@@ -205,6 +205,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   setup = Setup(config, mesh)
   c = setup.config
   ckpt.check_config_matches(workdir, c)
+  os.makedirs(workdir, exist_ok=True)      # before the manager, as it always was (Orbax expects the root)
   make_manager = functools.partial(ckpt.manager, workdir, max_to_keep=int(c.max_to_keep) or None)
   mngr, state, latest = ckpt.restore_latest_good(workdir, make_manager, setup.abstract_with_shardings(),
                                                  model=f"{setup.model_def.name} {setup.model_def.kwargs}")
