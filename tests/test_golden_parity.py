@@ -49,9 +49,10 @@ def test_logits_and_blocks_match_official(case):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "shunted"])
-def test_scanned_blocks_keep_parity(case):
-  """scan_blocks runs runs of identical blocks under one jax.lax.scan: same function, same weights."""
-  meta, state, outputs, model = build(case, scan_blocks=True)
+def test_unrolled_blocks_keep_parity(case):
+  """scan_blocks=False runs the blocks as a Python loop (the default scans runs of identical blocks):
+  same function, same weights."""
+  meta, state, outputs, model = build(case, scan_blocks=False)
   with jax.default_matmul_precision("highest"):
     logits, inter = model(golden.nhwc(outputs["__input__"]), return_intermediates=True)
   ref = outputs["__logits__"]

@@ -33,6 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "tests", "train_runner.py")
 TINY = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, drop_path_rate=0.1)
 
+# Trainings in subprocesses with async Orbax saves: keep them on one xdist worker (never concurrent).
+pytestmark = pytest.mark.xdist_group("training")
+
 
 def _flat(tree):
   return np.concatenate([np.ravel(v) for v in jax.tree.leaves(tree)])

@@ -44,6 +44,9 @@ def get_config():
   return c
 '''
 
+# Trainings in subprocesses with async Orbax saves: keep them on one xdist worker (never concurrent).
+pytestmark = pytest.mark.xdist_group("training")
+
 
 def _env(tmp_path):
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",

@@ -11,6 +11,9 @@ import pytest
 
 from tests.test_train_e2e import ROOT, RUNNER, TINY_CONFIG
 
+# Trainings in subprocesses with async Orbax saves: keep them on one xdist worker (never concurrent).
+pytestmark = pytest.mark.xdist_group("training")
+
 
 def _free_port():
   with socket.socket() as s:

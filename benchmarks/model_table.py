@@ -1,0 +1,72 @@
+"""The README's model table: parameters, GMACs at the registered resolution, paper top-1, parity status.
+
+    python benchmarks/model_table.py --out benchmarks/results/model_table.md
+
+Parameters are counted on an abstract model (nnx.eval_shape) and GMACs come from XLA's cost analysis of
+the lowered (not compiled) forward at batch 1, flops / 2. XLA counts every multiply-add of the program
+(softmax, norms and GELU included), so it is a little above the papers' counts (DeiT-S: 4.74 vs 4.6).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+from flax import nnx
+
+import vit_jax_fix
+from vit_jax_fix.models.cost import xla_flops
+from vit_jax_fix.models.registry import count_params, get_spec
+
+GOLDEN = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+
+def golden_families() -> dict[str, list[str]]:
+  """Registered name -> golden cases that check it (from the cases' `equivalent_registered`)."""
+  out: dict[str, list[str]] = {}
+  for path in sorted(GOLDEN.glob("*.json")):
+    if path.stem == "README":
+      continue
+    meta = json.loads(path.read_text())
+    name = meta["constructor"]["equivalent_registered"].split()[0].split("(")[0]
+    out.setdefault(name, []).append(path.stem)
+  return out
+
+
+def gmacs(model) -> float:
+  h, w = getattr(model, "img_size", (224, 224))
+  model.eval()
+  return xla_flops(model, (1, h, w, 3)) / 2e9
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="benchmarks/results/model_table.md")
+  args = parser.parse_args()
+  checked = golden_families()
+  rows = []
+  for name in vit_jax_fix.list_models():
+    spec = get_spec(name)
+    model = nnx.eval_shape(lambda: vit_jax_fix.create_model(name))
+    params = count_params(model)
+    cases = checked.get(name, [])
+    family_cases = sorted({c for n, cs in checked.items() for c in cs if get_spec(n).family == spec.family})
+    parity = (", ".join(cases) if cases else
+              (f"family: {', '.join(family_cases)}" if family_cases else "-"))
+    rows.append(dict(name=name, family=spec.family, params=params, gmacs=round(gmacs(model), 2),
+                     paper_top1=spec.paper_top1, golden=parity))
+    print(f"{name}: {params:,} params", flush=True)
+  lines = ["| model | family | params | GMACs (XLA) | paper top-1 | golden parity cases |",
+           "|---|---|---:|---:|---:|---|"]
+  for r in rows:
+    top1 = f"{r['paper_top1']:.1f}" if r["paper_top1"] else "-"
+    lines.append(f"| `{r['name']}` | {r['family']} | {r['params']:,} | {r['gmacs']:.2f} | {top1} | {r['golden']} |")
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text("\n".join(lines) + "\n")
+  out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
