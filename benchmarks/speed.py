@@ -102,12 +102,6 @@ def jax_gemm(n: int = 2048, iters: int = 10) -> float:
   return 2 * n ** 3 / t
 
 
-def _flops(lowered) -> float:
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan")))
-
-
 # XLA's cost analysis counts a loop body once, so scanned blocks (the default) would be undercounted:
 # the forward count unrolls them (vit_jax_fix.models.cost.xla_flops) and a train step is counted as
 # 3 x forward (backward = 2 x forward), the usual convention.
