@@ -294,27 +294,39 @@ class VisionTransformer(nnx.Module):
 
   def _run_functional(self, segment, x, grid, return_map):
     """Run blocks of one graph as a pure function of their stacked states: one traced body under
-    jax.lax.scan (and jax.checkpoint with remat). Updated states (BatchNorm statistics, RNG counters)
-    are written back to the blocks."""
+    jax.lax.scan (and jax.checkpoint with remat). State the blocks changed (BatchNorm statistics, RNG
+    counters of active dropout) is written back, as the Python loop would have mutated it; state they did
+    not touch is left alone (it may belong to an outer trace, e.g. statistics passed into a jax.grad)."""
     graphdef = nnx.graphdef(segment[0])
     states = [nnx.state(b) for b in segment]
     num_prefix = self.num_prefix_tokens
+    changed_paths: list = []
 
     def body(carry, state):
+      # Traced once: a variable the block does not mutate still holds the very input tracer afterwards.
+      old_values = {p: v.get_value() for p, v in nnx.to_flat_state(state)}
       blk = nnx.merge(graphdef, state)
       y, aux = blk(carry, grid=grid, num_prefix=num_prefix, return_map=return_map)
-      return y, (y, aux["attn"], nnx.state(blk))
+      new = nnx.state(blk)
+      changed_paths[:] = [p for p, v in nnx.to_flat_state(new) if v.get_value() is not old_values.get(p)]
+      return y, (y, aux["attn"], new)
 
     if self.remat:
       body = jax.checkpoint(body)
+
+    def write_back(block, new_state):
+      if changed_paths:
+        flat = dict(nnx.to_flat_state(new_state))
+        nnx.update(block, nnx.from_flat_state([(p, flat[p]) for p in changed_paths]))
+
     if len(segment) == 1:
       x, (tok, amap, new) = body(x, states[0])
-      nnx.update(segment[0], new)
+      write_back(segment[0], new)
       return x, [tok], [amap]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     x, (toks, maps, new_states) = jax.lax.scan(body, x, stacked)
     for i, b in enumerate(segment):
-      nnx.update(b, jax.tree.map(lambda a: a[i], new_states))
+      write_back(b, jax.tree.map(lambda a: a[i], new_states))
     n = len(segment)
     return x, [toks[i] for i in range(n)], [None if maps is None else maps[i] for i in range(n)]
 
