@@ -25,6 +25,7 @@ from vit_jax_fix.data import testing as data_testing
 from vit_jax_fix.train import checkpoint as ckpt
 from vit_jax_fix.train import config as C
 from vit_jax_fix.train import finetune
+from tests.test_train_e2e import _tail
 from vit_jax_fix.train import loop
 from vit_jax_fix.train import sharding as S
 from vit_jax_fix.train import state as state_lib
@@ -308,7 +309,7 @@ def _run_until(cmd, env, workdir, step, sig):
   while _logged_step(workdir) < step:
     if proc.poll() is not None:
       out, err = proc.communicate()
-      raise AssertionError(f"run ended before step {step}: rc {proc.returncode}\n{err[-3000:]}")
+      raise AssertionError(f"run ended before step {step}: rc {proc.returncode}\n{_tail(err)}")
     assert time.time() < deadline, "timed out waiting for the run"
     time.sleep(0.05)
   proc.send_signal(sig)
@@ -326,7 +327,7 @@ def test_random_kills_sigterm_and_crash_resume_identical(tmp_path):
                             *extra]
   a, b = tmp_path / "a", tmp_path / "b"
   out = subprocess.run(cmd(a), env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.returncode == 0, _tail(out.stderr)
 
   rng = random.Random(10)
   k1 = rng.randint(2, 5)
@@ -336,7 +337,7 @@ def test_random_kills_sigterm_and_crash_resume_identical(tmp_path):
     rc, _, _ = _run_until(cmd(b, slow), env, b, k, signal.SIGKILL)
     assert rc == -signal.SIGKILL
   rc, stdout, err = _run_until(cmd(b, slow), env, b, k2 + 2, signal.SIGTERM)   # preemption
-  assert rc == 0, err[-3000:]
+  assert rc == 0, _tail(err)
   assert "preempted: checkpoint saved at step" in stdout
   saved = int(stdout.split("preempted: checkpoint saved at step ")[1].split(";")[0])
   assert (b / "checkpoints" / str(saved)).exists()
@@ -345,7 +346,7 @@ def test_random_kills_sigterm_and_crash_resume_identical(tmp_path):
                        text=True, timeout=600)
   assert out.returncode != 0 and "injected crash" in out.stderr
   out = subprocess.run(cmd(b), env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.returncode == 0, _tail(out.stderr)
   assert "final eval top-1" in out.stdout
   for ema in (False, True):
     np.testing.assert_array_equal(_params(a, ema), _params(b, ema))

@@ -36,6 +36,8 @@ prefetch             2                             batches prefetched on host
 mixup, cutmix        0.8, 1.0                      Mixup / CutMix alphas (0 disables) -- applied on device
 mixup_switch_prob    0.5                           probability of CutMix when both are on
 mixup_prob           1.0                           probability of mixing a batch
+mixup_per_device     True                          mix each device's shard on its own (as each GPU does in the
+                                                   PyTorch recipes); False mixes the global batch as one
 label_smoothing      0.1                           folded into the mixed targets
 bce_targets          False                         DeiT III binarised targets (needs label_smoothing 0)
 ==================== ============================= =================================================================
@@ -105,6 +107,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.cutmix = 1.0
   c.mixup_switch_prob = 0.5
   c.mixup_prob = 1.0
+  c.mixup_per_device = True
   c.label_smoothing = 0.1
   c.bce_targets = False
   return c
@@ -231,18 +234,23 @@ def _epoch_stream(base, n: int, cfg, host_seed: int):
   return one_epoch, length
 
 
+def _setup(data_cfg, model_defaults, global_batch_size, process_index, process_count):
+  """Resolved config, this process's index and count, the per-process batch and the tfds builder."""
+  cfg = _resolve(data_cfg, model_defaults)
+  pi, pc = _process(process_index, process_count)
+  if global_batch_size % pc:
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={pc}.")
+  return cfg, pi, pc, global_batch_size // pc, sources.get_builder(cfg)
+
+
 def build_train_iterator(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
                          process_index=None, process_count=None, model_defaults=None) -> Iterator[dict]:
   """Infinite iterator of {'image': float32 [B, H, W, 3], 'label': int32 [B]}, B = global_batch // processes.
 
   Batch k of ``build_train_iterator(..., start_step=s)`` equals batch s + k of the same call with start_step=0.
   """
-  cfg = _resolve(data_cfg, model_defaults)
-  pi, pc = _process(process_index, process_count)
-  if global_batch_size % pc:
-    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={pc}.")
-  local_batch = global_batch_size // pc
-  builder = sources.get_builder(cfg)
+  cfg, pi, pc, local_batch, builder = _setup(data_cfg, model_defaults, global_batch_size, process_index,
+                                             process_count)
   split = sources.resolve_split(builder, cfg.train_split, purpose="train")
   host_split = tfds.even_splits(split, n=pc)[pi]
   n = builder.info.splits[host_split].num_examples
@@ -301,18 +309,15 @@ def build_eval_iterator(data_cfg, *, global_batch_size: int, process_index=None,
   Each host reads its ``even_splits`` part; the last batches are padded with masked zeros so all hosts run
   ceil(max host size / local batch) batches and each example is counted exactly once.
   """
-  cfg = _resolve(data_cfg, model_defaults)
-  pi, pc = _process(process_index, process_count)
-  if global_batch_size % pc:
-    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={pc}.")
-  local_batch = global_batch_size // pc
-  builder = sources.get_builder(cfg)
+  cfg, pi, pc, local_batch, builder = _setup(data_cfg, model_defaults, global_batch_size, process_index,
+                                             process_count)
   split = _eval_split(builder, cfg)
   host_splits = tfds.even_splits(split, n=pc)
   sizes = [builder.info.splits[s].num_examples for s in host_splits]
   num_batches = math.ceil(max(sizes) / local_batch)
   size = int(cfg.image_size)
 
+  @tf.autograph.experimental.do_not_convert  # plain TF ops; AutoGraph only warns about the closure
   def transform(encoded, label):
     img = T.normalize(T.eval_resize_crop(encoded, size, cfg.crop_pct, cfg.interpolation), cfg.mean, cfg.std)
     return {"image": img, "label": label, "mask": tf.constant(1.0, tf.float32)}

@@ -62,8 +62,9 @@ def load_checkpoint_model(path: str, model_name: str, **overrides):
   """The eval-mode model of a trainer checkpoint (a workdir, meaning its latest step, or one step dir), via
   `vit_jax_fix.train.checkpoint.load_model(path, name=model_name)`; the trainer owns the checkpoint format.
   Raises a clear error when that API is not importable."""
+  import importlib
   try:
-    from vit_jax_fix.train import checkpoint as ckpt  # noqa: WPS433
+    ckpt = importlib.import_module("vit_jax_fix.train.checkpoint")
   except ImportError as e:
     raise RuntimeError(
         f"cannot load checkpoint {path!r}: vit_jax_fix.train.checkpoint is not available ({e}). "

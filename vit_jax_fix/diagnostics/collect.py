@@ -252,7 +252,7 @@ def finalize(sums: Mapping[str, np.ndarray], static: Mapping, cfg: DiagnosticsCo
     notes.append(f"cross-layer attention similarity skipped (NaN/null) where the maps differ in shape "
                  f"(token counts change: EViT reorganisation or Shunted stages); block pairs {skipped}")
   first = 0 if static.get("has_embed", True) else 1
-  if not first:
+  if first:
     notes.append("the model exposes no embedding output: token measures start at block 1")
   one_d = [i + first for i, d in enumerate(static["hf_domain"]) if d == "1d"]
   if one_d:

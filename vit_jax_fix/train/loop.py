@@ -126,7 +126,8 @@ class Setup:
     self.train_step = steps_lib.jit_train_step(steps_lib.make_train_step(
         self.model_def, self.tx, loss=config.loss, mix_kwargs=mix, ema_decay=float(config.ema.decay),
         lr_schedule=self.lr, train_mode=bool(config.train_mode), grad_accum_steps=self.accum,
-        skip_nonfinite=config.nonfinite_policy == "skip", nan_at_step=int(config.debug_nan_at_step)),
+        skip_nonfinite=config.nonfinite_policy == "skip", nan_at_step=int(config.debug_nan_at_step),
+        mix_mesh=self.mesh if config.data.mixup_per_device else None),
         self.state_sh, self.mesh)
     self.eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(self.model_def), self.state_sh["params"],
                                              self.state_sh["batch_stats"], self.mesh)

@@ -16,18 +16,38 @@ from vit_jax_fix.train import optim
 from vit_jax_fix.train import sharding as shard_lib
 
 
+def make_mixer(mix_kwargs: dict, mesh=None):
+  """(key, images, labels) -> (images, targets). With a mesh, per device, as in the PyTorch recipes (each GPU
+  mixes its own local batch): every device pairs its own images and draws its own lambda, from the key folded
+  with its position on the mesh. Without one, the global batch is mixed as one batch."""
+
+  def mix(key, images, labels):
+    return mixup_cutmix(key, images, labels, **mix_kwargs)
+
+  if mesh is None:
+    return mix
+
+  def local_mix(key, images, labels):
+    return mix(jax.random.fold_in(key, jax.lax.axis_index(shard_lib.AXES)), images, labels)
+  return jax.shard_map(local_mix, mesh=mesh, in_specs=(jax.P(), shard_lib.BATCH_SPEC, shard_lib.BATCH_SPEC),
+                       out_specs=(shard_lib.BATCH_SPEC, shard_lib.BATCH_SPEC))
+
+
 def make_train_step(model_def, tx, *, loss: str, mix_kwargs: dict, ema_decay: float, lr_schedule,
                     train_mode: bool = True, grad_accum_steps: int = 1, skip_nonfinite: bool = False,
-                    nan_at_step: int = -1):
-  """skip_nonfinite: a step whose loss or gradient norm is NaN/inf leaves params, statistics, optimizer and
+                    nan_at_step: int = -1, mix_mesh=None):
+  """mix_mesh: mix per device (shard_map over the batch axes of that mesh); None mixes the global batch as one.
+  skip_nonfinite: a step whose loss or gradient norm is NaN/inf leaves params, statistics, optimizer and
   EMA unchanged (step and data position still advance) and increments state['nonfinite_skips'].
   nan_at_step > 0 makes the loss of that (1-based) step NaN: fault injection for tests."""
   loss_of = losses.loss_fn(loss)
 
+  mix = make_mixer(mix_kwargs, mix_mesh)
+
   def train_step(state, batch):
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     k_mix, k_drop = jax.random.split(step_key)
-    images, targets = mixup_cutmix(k_mix, batch["image"], batch["label"], **mix_kwargs)
+    images, targets = mix(k_mix, batch["image"], batch["label"])
 
     def objective(params):
       model = model_def.merge(params, state["batch_stats"], train=train_mode, dropout_key=k_drop)
