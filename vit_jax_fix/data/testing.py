@@ -83,11 +83,30 @@ def write_imagenet_metadata(data_dir: str, train: int = 1000, validation: int = 
   return builder
 
 
+class _NoMockFs:
+  """Stands in for tfds' MockFs, which mock_data enters around every `as_dataset` call to fake the data dir.
+  MockFs redirects *all* file paths of the process while it is active, so an asynchronous Orbax save running
+  at that moment in the trainer wrote into the mock tree and failed. With USE_FILES the data dir really
+  exists (the metadata is written here), so the fake is not needed."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+  def add_file(self, *args, **kwargs):
+    pass
+
+
 @contextlib.contextmanager
 def mock_imagenet(data_dir: str, train: int = 1000, validation: int = 50, num_examples: int | None = None):
   """imagenet2012 under tfds.testing.mock_data with metadata built here; no files, no network."""
+  from unittest import mock
+
   import tensorflow_datasets as tfds
   write_imagenet_metadata(data_dir, train, validation)
-  with tfds.testing.mock_data(num_examples=num_examples or max(train, validation),
-                              policy=tfds.testing.MockPolicy.USE_FILES, data_dir=data_dir):
+  with mock.patch("tensorflow_datasets.testing.test_utils.MockFs", _NoMockFs), \
+      tfds.testing.mock_data(num_examples=num_examples or max(train, validation),
+                             policy=tfds.testing.MockPolicy.USE_FILES, data_dir=data_dir):
     yield
