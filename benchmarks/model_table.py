@@ -34,7 +34,8 @@ def golden_families() -> dict[str, list[str]]:
 
 
 def gmacs(model) -> float:
-  h, w = getattr(model, "img_size", (224, 224))
+  size = getattr(model, "img_size", 224)
+  h, w = (size, size) if isinstance(size, int) else size
   model.eval()
   return xla_flops(model, (1, h, w, 3)) / 2e9
 
