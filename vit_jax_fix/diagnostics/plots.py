@@ -57,6 +57,22 @@ def plot_measures_vs_depth(results: Mapping[str, dict], path, *, title: str = ""
   cfg = next(iter(results.values()))["config"] if results else {}
   fig.suptitle(f"{title}  [norm: {cfg.get('norm')}, cls in diversity: {cfg.get('diversity_include_prefix')}, "
                f"similarity offset k={cfg.get('offset')}, threshold {cfg.get('threshold')}]".strip(), fontsize=10)
+  return _save(fig, path)
+
+
+def _panel_grid(n: int, *, panel_height: float):
+  """A figure with one panel per model, at most 3 per row; unused panels hidden."""
+  n = max(n, 1)
+  cols = min(n, 3)
+  rows = math.ceil(n / cols)
+  fig = Figure(figsize=(4.6 * cols, panel_height * rows))
+  axes = fig.subplots(rows, cols, squeeze=False)
+  for ax in axes.ravel()[n:]:
+    ax.axis("off")
+  return fig, axes
+
+
+def _save(fig, path) -> pathlib.Path:
   fig.tight_layout()
   path = pathlib.Path(path)
   fig.savefig(path, dpi=110)
@@ -64,13 +80,7 @@ def plot_measures_vs_depth(results: Mapping[str, dict], path, *, title: str = ""
 
 
 def plot_attention_similarity(results: Mapping[str, dict], path, *, title: str = "") -> pathlib.Path:
-  n = max(len(results), 1)
-  cols = min(n, 3)
-  rows = math.ceil(n / cols)
-  fig = Figure(figsize=(4.6 * cols, 4.2 * rows))
-  axes = fig.subplots(rows, cols, squeeze=False)
-  for ax in axes.ravel()[n:]:
-    ax.axis("off")
+  fig, axes = _panel_grid(len(results), panel_height=4.2)
   for ax, (name, res) in zip(axes.ravel(), results.items()):
     mat = np.array([_arr(row) for row in res["attn_similarity"]]) if res["attn_similarity"] else np.zeros((0, 0))
     if mat.size:
@@ -81,20 +91,11 @@ def plot_attention_similarity(results: Mapping[str, dict], path, *, title: str =
     ax.set_xlabel("block q")
     ax.set_ylabel("block p")
   fig.suptitle(f"{title} cross-layer attention similarity (mean column cosine)".strip(), fontsize=10)
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  fig.savefig(path, dpi=110)
-  return path
+  return _save(fig, path)
 
 
 def plot_hf_bands(results: Mapping[str, dict], path, *, title: str = "") -> pathlib.Path:
-  n = max(len(results), 1)
-  cols = min(n, 3)
-  rows = math.ceil(n / cols)
-  fig = Figure(figsize=(4.6 * cols, 3.6 * rows))
-  axes = fig.subplots(rows, cols, squeeze=False)
-  for ax in axes.ravel()[n:]:
-    ax.axis("off")
+  fig, axes = _panel_grid(len(results), panel_height=3.6)
   for ax, (name, res) in zip(axes.ravel(), results.items()):
     bands = np.array([_arr(b) for b in res["hf_band_share"]])
     x = np.asarray(res["token_depth"])
@@ -106,10 +107,7 @@ def plot_hf_bands(results: Mapping[str, dict], path, *, title: str = "") -> path
     ax.grid(alpha=0.3)
   axes[0, 0].legend(fontsize=7)
   fig.suptitle(f"{title} energy share by radial band of the 2-D DFT over the patch grid".strip(), fontsize=10)
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  fig.savefig(path, dpi=110)
-  return path
+  return _save(fig, path)
 
 
 def plot_all(results: Mapping[str, dict], out_dir, *, suffix: str = "", title: str = "") -> dict:
