@@ -82,6 +82,80 @@ def test_translate_and_rotate_geometry():
   _close(RA.rotate(_tf(x), 90.0, fill), _pil(x).rotate(90), 0)
 
 
+def _smooth(seed, h, w):
+  """A photo-like image: upsampled noise (flat patches and gradients, where truncation would show)."""
+  small = np.random.RandomState(seed).randint(0, 256, (h // 6 + 2, w // 6 + 2, 3), dtype=np.uint8)
+  return np.asarray(_pil(small).resize((w, h), Image.BICUBIC))
+
+
+PIL_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+@pytest.mark.parametrize("method", ["bilinear", "bicubic", "nearest"])
+def test_affine_matches_pillow_transform(method):
+  """RA.affine / RA.rotate against Image.transform(AFFINE) / Image.rotate with the same resample and fill:
+  timm's geometric ops. Measured: identical except a few pixels one level apart (float32 interpolation
+  truncating where Pillow's double lands within rounding of an integer); nearest differs at rare ties."""
+  fill = (124, 116, 104)
+  diffs = []
+  for k, (h, w) in enumerate([(29, 37), (48, 40)]):
+    for x in (_img(10 + k, h, w), _smooth(20 + k, h, w)):
+      cases = [(1, 0.27, 0, 0, 1, 0), (1, -0.19, 0, 0, 1, 0), (1, 0, 0, 0.23, 1, 0),  # shear x, y
+               (1, 0, -0.41 * w, 0, 1, 0), (1, 0, 0, 0, 1, 0.37 * h), (1, 0, 3, 0, 1, 0),  # translate x, y
+               (0.9, 0.2, 1.5, -0.3, 1.1, 2.0)]  # general (scale + shear)
+      for m in cases:
+        ref = Image.fromarray(x).transform((w, h), Image.AFFINE, m, resample=PIL_RESAMPLE[method], fillcolor=fill)
+        diffs.append(np.asarray(RA.affine(_tf(x), m, fill, method)) - np.asarray(ref, np.float32))
+      for deg in (17.0, -28.5, 90.0):
+        ref = Image.fromarray(x).rotate(deg, resample=PIL_RESAMPLE[method], fillcolor=fill)
+        diffs.append(np.asarray(RA.rotate(_tf(x), deg, fill, method)) - np.asarray(ref, np.float32))
+  d = np.abs(np.concatenate([v.ravel() for v in diffs]))
+  if method == "nearest":
+    assert np.mean(d > 0) < 0.002
+  else:
+    assert d.max() <= 1 and d.mean() < 0.01, (d.max(), d.mean())
+  # The methods really differ (the test would not notice a wrong kernel otherwise).
+  x = _smooth(3, 32, 32)
+  outs = {m: np.asarray(RA.rotate(_tf(x), 13.0, fill, m)) for m in PIL_RESAMPLE}
+  assert np.abs(outs["bicubic"] - outs["bilinear"]).mean() > 0.3
+
+
+def test_pillow_affine_bicubic_is_cubic_convolution_a_minus_1():
+  """The definition, checked independently of RA: a half-pixel shift of a 1-D step with Pillow's BICUBIC
+  transform gives the a = -1 kernel weights (-1/8, 5/8, 5/8, -1/8), not a = -0.5's (-1/16, 9/16, 9/16, -1/16)."""
+  row = np.array([0, 0, 0, 160, 160, 160, 160, 160], np.uint8)
+  x = np.repeat(np.repeat(row[None, :, None], 4, 0), 3, 2)
+  out = np.asarray(_pil(x).transform((8, 4), Image.AFFINE, (1, 0, 0.5, 0, 1, 0), resample=Image.BICUBIC))
+  # output x=2 samples between columns 2 and 3: 160 * (5/8 - 1/8) = 80; x=1: 160 * (-1/8) -> clipped to 0;
+  # x=3: 160 * (5/8 + 5/8 - 1/8) = 180 (a = -0.5 would give 170).
+  assert out[0, 1:4, 0].tolist() == [0, 80, 180]
+  ours = np.asarray(RA.affine(_tf(x), (1, 0, 0.5, 0, 1, 0), (0, 0, 0), "bicubic"))
+  np.testing.assert_array_equal(ours, out)
+
+
+def test_randaugment_interpolation_follows_timm():
+  assert RA.timm_interpolation("bicubic") == "bicubic" and RA.timm_interpolation("bilinear") == "bilinear"
+  assert RA.timm_interpolation("random") == "random" and RA.timm_interpolation(None) == "random"
+  assert RA.timm_interpolation("lanczos3") == "bicubic"  # Pillow's transform has no lanczos; timm's default
+  with pytest.raises(ValueError, match="interpolation"):
+    RA.RandAugment("rand-m9", interpolation="area")
+  # 'random': each op application draws bilinear or bicubic from a stream that leaves the op, magnitude and
+  # sign draws unchanged, so with one geometric op per image (n1, p1) every output equals the all-bilinear or
+  # the all-bicubic one, and both occur.
+  x = _tf(_smooth(4, 24, 24))
+  ras = [RA.RandAugment("rand-m9-mstd0.5-n1-p1", interpolation=m, ops=("Rotate", "ShearX", "TranslateYRel"))
+         for m in ("random", "bilinear", "bicubic")]
+
+  rnd, bil, bic = ([np.asarray(ra(x, _seed(s, 11))) for s in range(20)] for ra in ras)  # eager: no tracing
+  as_bil = [np.array_equal(r, b) for r, b in zip(rnd, bil)]
+  as_bic = [np.array_equal(r, c) for r, c in zip(rnd, bic)]
+  assert not any(np.array_equal(b, c) for b, c in zip(bil, bic))
+  assert all(p != q for p, q in zip(as_bil, as_bic)) and sum(as_bil) >= 3 and sum(as_bic) >= 3
+  np.testing.assert_array_equal(np.asarray(ras[0](x, _seed(7, 11))), rnd[7])  # deterministic for a fixed seed
+  draws = [int(ras[0].interpolation_index(tf.constant([s, 5], tf.int64))) for s in range(64)]
+  assert set(draws) == {1, 2} and 16 <= draws.count(2) <= 48  # bilinear / bicubic, about half each
+
+
 def test_randaugment_parses_timm_strings_and_is_seeded():
   cfg = RA.parse_config("rand-m9-mstd0.5-inc1")
   assert cfg["magnitude"] == 9 and cfg["magnitude_std"] == 0.5 and cfg["num_layers"] == 2

@@ -16,7 +16,8 @@ eval_split           None                          None: 'validation' if present
 image_key, label_key 'image', 'label'              feature names in the tfds dataset
 image_size           224                           square train/eval resolution
 num_classes          None                          None: from the dataset's label feature
-interpolation        None                          'bicubic' | 'bilinear' | 'random' (train); None: model default
+interpolation        None                          'bicubic' | 'bilinear' | 'random' (train: RRC and RandAugment's
+                                                   geometric ops, as timm); None: model default
 crop_pct             None                          eval resize = floor(size / crop_pct); None: model default
 mean, std            None                          normalization (0-1 scale); None: model default (ImageNet)
 augment              'deit'                        'deit' (RRC, flip, RandAugment, erasing), '3aug' (DeiT III),
@@ -173,7 +174,10 @@ def _host_seed(seed: int, process_index: int) -> int:
 
 def _train_transform(cfg, image_size: int):
   """(encoded, label, seed) -> (normalized float image, label)."""
-  ra = randaugment.RandAugment(cfg.rand_augment, fill=tuple(min(255, round(255 * m)) for m in cfg.mean)) \
+  # timm's create_transform: fill = the mean on the uint8 scale; resampling = the train interpolation, or
+  # bilinear/bicubic drawn per op when it is 'random'.
+  ra = randaugment.RandAugment(cfg.rand_augment, fill=tuple(min(255, round(255 * m)) for m in cfg.mean),
+                               interpolation=randaugment.timm_interpolation(cfg.interpolation)) \
       if (cfg.augment == "deit" and cfg.rand_augment) else None
 
   def fn(encoded, label, seed):
