@@ -26,6 +26,13 @@ ema.decay, ema.evaluate                 parameter EMA (0 = off) and whether it i
 train_mode                              False: dropout / drop-path / BN updates off while training (EViT FT)
 bn_recalibration.*                      DeepViT: reset and re-estimate BN statistics before each eval
 mesh.data, mesh.fsdp, sharding.*        device mesh ('data', 'fsdp') and parameter sharding rules
+keep_rate_schedule.*                    EViT keep-rate warm-up: 1 for start_epochs, cosine to the model's
+                                        keep rate over ramp_epochs, quantised to `granularity` so at most
+                                        ceil((1 - keep_rate) / granularity) + 1 train steps are compiled
+                                        (``vit_jax_fix.models.keep_rate``); evaluation uses the model's rate
+diagnostics.*                           collapse measures every N steps on fixed eval batches, logged to
+                                        metrics.jsonl / TensorBoard as collapse/<measure>/block_<i>, JSON and
+                                        plots per step in <workdir>/diagnostics/
 init_from.*                             fine-tune from a checkpoint/workdir or PyTorch weights
 log_every_steps, eval_every_steps, checkpoint_every_steps, max_to_keep, eval_batch_size, progress_bar
 nonfinite_policy, nonfinite_max_skips   NaN/inf loss or gradients: 'stop' (default: error naming the step,
@@ -93,6 +100,16 @@ def base_config() -> ConfigDict:
   c.sharding.strategy = "replicated"        # 'replicated' | 'fsdp'
   c.sharding.fsdp_min_size = 2 ** 12        # smaller arrays stay replicated under FSDP
   c.sharding.rules = ()                     # ((regex, 'fsdp' | 'replicated'), ...) first match wins
+  c.keep_rate_schedule = ConfigDict()       # EViT from scratch: keep rate 1, then cosine down to the model's
+  c.keep_rate_schedule.enabled = False      # configured keep rate (official adjust_keep_rate), quantised
+  c.keep_rate_schedule.start_epochs = 10.0  # epochs at keep rate 1 (official shrink_start_epoch)
+  c.keep_rate_schedule.ramp_epochs = 100.0  # cosine ramp length (official shrink_epochs)
+  c.keep_rate_schedule.granularity = 0.05   # quantisation step: at most ceil((1-base)/g)+1 compiled steps
+  c.diagnostics = ConfigDict()              # periodic collapse diagnostics (vit_jax_fix.diagnostics)
+  c.diagnostics.every_steps = 0             # 0: off; else every N steps, logged as collapse/* scalars
+  c.diagnostics.num_batches = 2             # first N eval-split batches (fixed for the whole run)
+  c.diagnostics.batch_size = 32             # images per batch (per process)
+  c.diagnostics.threshold = 0.9             # cross-layer attention similarity threshold (#similar blocks)
   c.init_from = ConfigDict()
   c.init_from.path = ""                     # workdir/checkpoint dir, or .pth/.pt/.bin/.safetensors
   c.init_from.layout = "official"           # torch key layout: 'official' | 'timm'
@@ -146,6 +163,14 @@ def validate(config) -> None:
     raise ValueError(f"config.optimizer.name={config.optimizer.name!r}: use 'adamw' or 'lamb'.")
   if config.loss not in ("softmax_ce", "bce"):
     raise ValueError(f"config.loss={config.loss!r}: use 'softmax_ce' or 'bce'.")
+  krs = config.keep_rate_schedule
+  if krs.enabled and not (krs.granularity > 0 and krs.start_epochs >= 0 and krs.ramp_epochs >= 0):
+    raise ValueError(f"config.keep_rate_schedule: granularity must be > 0 and start_epochs / ramp_epochs >= 0, "
+                     f"got {dict(krs)}.")
+  dg = config.diagnostics
+  if dg.every_steps < 0 or (dg.every_steps and (dg.num_batches < 1 or dg.batch_size < 1)):
+    raise ValueError(f"config.diagnostics: every_steps must be >= 0 (0 = off) and num_batches, batch_size >= 1, "
+                     f"got {dict(dg)}.")
   if config.sharding.strategy not in ("replicated", "fsdp"):
     raise ValueError(f"config.sharding.strategy={config.sharding.strategy!r}: use 'replicated' or 'fsdp'.")
   if config.loss == "bce" and not config.data.bce_targets:

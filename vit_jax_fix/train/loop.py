@@ -12,8 +12,10 @@ import jax
 import numpy as np
 
 from vit_jax_fix import data as data_lib
+from vit_jax_fix.models import keep_rate as keep_rate_lib
 from vit_jax_fix.models import registry
 from vit_jax_fix.train import checkpoint as ckpt
+from vit_jax_fix.train import collapse
 from vit_jax_fix.train import config as config_lib
 from vit_jax_fix.train import evaluate as eval_lib
 from vit_jax_fix.train import finetune
@@ -122,15 +124,36 @@ class Setup:
                                      self.ema)
     self.abstract_state = jax.eval_shape(self.init_fn)
     self.state_sh = shard_lib.state_shardings(self.abstract_state, self.mesh, config)
-    mix = data_lib.mixup_kwargs(config.data, self.num_classes)
-    self.train_step = steps_lib.jit_train_step(steps_lib.make_train_step(
-        self.model_def, self.tx, loss=config.loss, mix_kwargs=mix, ema_decay=float(config.ema.decay),
-        lr_schedule=self.lr, train_mode=bool(config.train_mode), grad_accum_steps=self.accum,
-        skip_nonfinite=config.nonfinite_policy == "skip", nan_at_step=int(config.debug_nan_at_step),
-        mix_mesh=self.mesh if config.data.mixup_per_device else None),
-        self.state_sh, self.mesh)
+    self._step_kwargs = dict(
+        loss=config.loss, mix_kwargs=data_lib.mixup_kwargs(config.data, self.num_classes),
+        ema_decay=float(config.ema.decay), lr_schedule=self.lr, train_mode=bool(config.train_mode),
+        grad_accum_steps=self.accum, skip_nonfinite=config.nonfinite_policy == "skip",
+        nan_at_step=int(config.debug_nan_at_step), mix_mesh=self.mesh if config.data.mixup_per_device else None)
+    self.keep_rate = KeepRateSchedule.from_config(config, self.model_def, self.steps_per_epoch)
+    self._train_steps: dict = {}          # keep rate (None: as configured) -> jitted train step
+    self.compiled_train_steps = 0         # train-step programs traced so far (one per distinct keep rate)
     self.eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(self.model_def), self.state_sh["params"],
                                              self.state_sh["batch_stats"], self.mesh)
+
+  def keep_rate_at(self, step: int) -> float | None:
+    """The EViT keep rate of micro-step `step` (None without a schedule: the model's configured rates)."""
+    return None if self.keep_rate is None else self.keep_rate(step // self.accum)
+
+  def train_step(self, state, batch, *, keep_rate: float | None = None):
+    """One jitted micro-step; one compiled program per distinct keep rate, built on first use."""
+    fn = self._train_steps.get(keep_rate)
+    if fn is None:
+      model_def = self.model_def if keep_rate is None else self.model_def.with_keep_rate(keep_rate)
+      if keep_rate is not None:
+        logging.info("EViT keep rate %s: compiling its train step (%d of at most %d programs)", keep_rate,
+                     len(self._train_steps) + 1, self.keep_rate.max_programs)
+      step = steps_lib.make_train_step(model_def, self.tx, **self._step_kwargs)
+
+      def traced(state, batch):
+        self.compiled_train_steps += 1      # runs once per trace, i.e. per compiled program
+        return step(state, batch)
+      fn = self._train_steps[keep_rate] = steps_lib.jit_train_step(traced, self.state_sh, self.mesh)
+    return fn(state, batch)
 
   def init_state(self):
     """Fresh state, created directly in its shardings (never on one device first)."""
@@ -152,6 +175,35 @@ class Setup:
   def eval_batches(self):
     bs = int(self.config.eval_batch_size) or self.micro_batch
     return data_lib.build_eval_iterator(self.config.data, global_batch_size=bs, model_defaults=self.model_defaults)
+
+
+class KeepRateSchedule:
+  """EViT's keep-rate warm-up for training from scratch (config.keep_rate_schedule): `schedule(update)` is
+  the official cosine schedule quantised by `keep_rate.keep_rate_at`, so a run compiles at most
+  `max_programs` train steps (`keep_rate.max_programs(base, granularity)`, e.g. 7 for DeiT-S at 0.7 and
+  granularity 0.05). The base is the keep rate the model was built with."""
+
+  def __init__(self, base: float, start_step: int, ramp_steps: int, granularity: float):
+    self.base, self.start_step, self.ramp_steps, self.granularity = base, start_step, ramp_steps, granularity
+    self.max_programs = keep_rate_lib.max_programs(base, granularity)
+
+  @classmethod
+  def from_config(cls, config, model_def, steps_per_epoch: int) -> "KeepRateSchedule | None":
+    krs = config.keep_rate_schedule
+    if not krs.enabled:
+      return None
+    rates = sorted({r for r in model_def.configured_keep_rates() if r < 1.0})
+    if len(rates) != 1:
+      raise ConfigError(
+          f"config.keep_rate_schedule.enabled needs an EViT model with one keep rate < 1 in its reorganising "
+          f"blocks; {model_def.name} {model_def.kwargs} has {rates or 'none'}. Fix: set "
+          f"model.overrides.keep_rate (and keep_rate_blocks), or --config.keep_rate_schedule.enabled=False.")
+    return cls(rates[0], round(float(krs.start_epochs) * steps_per_epoch),
+               round(float(krs.ramp_epochs) * steps_per_epoch), float(krs.granularity))
+
+  def __call__(self, update: int) -> float:
+    return keep_rate_lib.keep_rate_at(update, base_keep_rate=self.base, start_step=self.start_step,
+                                      ramp_steps=self.ramp_steps, granularity=self.granularity)
 
 
 def _finetune_init(setup, state):
@@ -234,6 +286,10 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
     writer.close()
     return final
 
+  collapse_diag = collapse.TrainingDiagnostics(setup, workdir) if c.diagnostics.every_steps else None
+  if collapse_diag is not None and step == 0:
+    collapse_diag(0, state, writer)       # the model at init: where collapse starts from
+
   batches = setup.train_batches(int(jax.device_get(state["data_position"])))
   bar = _progress(setup, step)
   final = None
@@ -274,7 +330,10 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
     try:
       while step < total:
         batch = shard_lib.global_batch(next(batches), setup.mesh)
-        state, m = setup.train_step(state, batch)
+        rate = setup.keep_rate_at(step)
+        state, m = setup.train_step(state, batch, keep_rate=rate)
+        if rate is not None:
+          m = dict(m, **{"train/keep_rate": rate})
         step += 1
         if pending is not None:
           window.append(check(*pending))
@@ -311,6 +370,8 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
           if bar is not None:
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
                                                    if isinstance(v, float)))
+        if collapse_diag is not None:
+          collapse_diag(step, state, writer)
         if saving:
           ckpt.save(mngr, step, state, setup.meta(), force=True)
           last_good[0] = step

@@ -61,6 +61,25 @@ class ModelDef:
     g_eval = nnx.split(abstract, nnx.Param, nnx.RngState, ...)[0]
     return cls(name, dict(kwargs), g_train, g_eval, p, s, r)
 
+  def with_keep_rate(self, rate: float) -> "ModelDef":
+    """The same model whose train graphdef runs EViT at keep rate `rate` in its reorganising blocks (the
+    official runtime keep rate; `keep_rate.set_keep_rate`). The keep rate is static, so this is another
+    program; the eval graphdef keeps the configured rates."""
+    from vit_jax_fix.models import keep_rate as keep_rate_lib
+    abstract = nnx.merge(self.graphdef_train, _copy(self.params_tmpl), _copy(self.rng_tmpl),
+                         _copy(self.stats_tmpl))
+    keep_rate_lib.set_keep_rate(abstract, rate)
+    return dataclasses.replace(self, graphdef_train=nnx.split(abstract, nnx.Param, nnx.RngState, ...)[0])
+
+  def configured_keep_rates(self) -> tuple[float, ...]:
+    from vit_jax_fix.models import keep_rate as keep_rate_lib
+    abstract = nnx.merge(self.graphdef_eval, _copy(self.params_tmpl), _copy(self.rng_tmpl),
+                         _copy(self.stats_tmpl))
+    try:
+      return keep_rate_lib.configured_keep_rates(abstract)
+    except TypeError:    # not a VisionTransformer (Shunted): no EViT blocks
+      return ()
+
   def abstract_params(self):
     return nnx.to_pure_dict(self.params_tmpl)
 
