@@ -179,7 +179,7 @@ def quickstart():
 
 
           def show(fig):
-              """Displays a figure as PNG, whatever the matplotlib backend (the diagnostics select Agg)."""
+              """Displays a figure as PNG: a pyplot figure or a bare matplotlib Figure (what the diagnostics plots draw)."""
               buf = io.BytesIO()
               fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
               plt.close(fig)
