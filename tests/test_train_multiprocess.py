@@ -1,6 +1,7 @@
 """Two processes on localhost (jax.distributed, CPU collectives), 2 CPU devices each, train through main.py on
 mocked imagenet2012 over a 2 x 2 ('data', 'fsdp') mesh: each process reads its own shard of the data, both
-finish, and the shared workdir holds one checkpoint and one metrics file."""
+finish, and the shared workdir holds one checkpoint and one metrics file (with the periodic collapse
+diagnostics measured on the weights gathered from both processes)."""
 import json
 import os
 import socket
@@ -37,7 +38,8 @@ def test_two_processes(tmp_path):
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs.append(subprocess.Popen(
         [sys.executable, RUNNER, str(data_dir), "--config", str(cfg), "--workdir", str(workdir),
-         f"--config.data.data_dir={data_dir}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+         f"--config.data.data_dir={data_dir}", "--config.diagnostics.every_steps=2",
+         "--config.diagnostics.batch_size=2", "--config.diagnostics.num_batches=1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True))
   outs = []
   for p in procs:
@@ -54,3 +56,8 @@ def test_two_processes(tmp_path):
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   ev = [r for r in rows if "eval/top1" in r]
   assert len(ev) == 1 and ev[0]["eval/count"] == 20 and ev[0]["step"] == 4
+  # periodic diagnostics on FSDP weights gathered across the two processes; process 0 logs them
+  diag = [r["step"] for r in rows if "collapse/feature_diversity/block_02" in r]
+  assert diag == [0, 2, 4]
+  assert sorted(os.listdir(workdir / "diagnostics"))[:3] == ["attn_similarity.png", "hf_bands.png",
+                                                             "measures_vs_depth.png"]
