@@ -157,9 +157,10 @@ def _weights(t, method):
 
 
 def _interpolate(taps, weights, centre):
-  """centre + sum w (taps - centre): equal to sum w taps (the weights sum to 1) but exact wherever the
-  neighbourhood is flat, as Pillow's difference form is; then truncated to the uint8 grid like Pillow."""
-  out = centre + tf.reduce_sum(weights[..., None] * (taps - centre[..., None, :]), axis=-2)
+  """taps [P, K, C], weights [P, K], centre [P, C] -> centre + sum w (taps - centre): equal to sum w taps (the
+  weights sum to 1) but exact wherever the neighbourhood is flat, as Pillow's difference form is; then
+  truncated to the uint8 grid like Pillow."""
+  out = centre + tf.einsum("pk,pkc->pc", weights, taps - centre[:, None])  # a batched matvec: faster
   return tf.floor(tf.clip_by_value(out, 0.0, 255.0))
 
 
