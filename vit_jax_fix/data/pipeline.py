@@ -30,7 +30,10 @@ color_jitter         0.3                           'deit': brightness/contrast/s
 reprob, remode       0.25, 'pixel'                 random erasing probability / fill mode ('deit' only)
 simple_random_crop   False                         '3aug': resize + pad-4 random crop instead of RRC (DeiT III src)
 repeated_aug         3                             each chosen image appears this many times per epoch, epoch length
-                                                   unchanged (DeiT RASampler); 1 = off
+                                                   about unchanged (DeiT RASampler); 1 = off
+repeated_aug_scope   'global'                      'global': with several processes the copies of an image go to
+                                                   different hosts, as RASampler puts them on different ranks;
+                                                   'host': each host repeats the images of its own part
 shuffle_buffer       10_000                        tf.data shuffle buffer (clipped to the host's split size)
 cache                False                         cache the encoded examples in memory (small datasets)
 prefetch             2                             batches prefetched on host
@@ -54,6 +57,16 @@ Every element then carries its global stream position ``p``; its augmentation us
 with (seed ^ host, p). Resuming at step s skips ``s * local_batch`` encoded elements (before the expensive
 decode/augment) so the batches are bit-identical to those of an uninterrupted run. Skipping reads, but does not
 decode, at most one epoch of records.
+
+Repeated augmentation across hosts (``repeated_aug`` r > 1, ``repeated_aug_scope='global'``, P > 1 processes)
+follows DeiT's RASampler: a permutation of the whole split seeded with (seed, e) only, so the same on every host,
+lists the images; each is repeated r times consecutively, and host h owns positions h, h + P, h + 2P, ... of
+that stream, cut to DeiT's ``floor(n // 256 * 256 / P)`` per host (``floor(n / P)`` for splits under 256
+images). The copies of an image thus land on min(r, P) different hosts, each with its own augmentation. Every
+host reads the whole split (in file order) and keeps, before decoding, the images that own one of its
+positions, with their copy counts; a shuffle buffer seeded with (seed, host, e) orders them, and each is
+repeated its count times. Reading the whole split on every host is the price of this sampling (its records
+are read, not decoded); ``repeated_aug_scope='host'`` reads only the host's part.
 """
 from __future__ import annotations
 
@@ -73,6 +86,8 @@ from vit_jax_fix.data import transforms as T
 FALLBACK_MODEL_DEFAULTS = dict(mean=T.IMAGENET_MEAN, std=T.IMAGENET_STD, crop_pct=0.875, interpolation="bicubic")
 AUGMENTS = ("deit", "3aug", "none")
 INTERPOLATIONS = ("bicubic", "bilinear", "random", "nearest", "area", "lanczos3")
+REPEAT_SCOPES = ("global", "host")
+RASAMPLER_MULTIPLE = 256  # DeiT's RASampler keeps floor(n // 256 * 256 / world) indices per rank and epoch
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -101,6 +116,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.remode = "pixel"
   c.simple_random_crop = False
   c.repeated_aug = 3
+  c.repeated_aug_scope = "global"  # copies of an image on different hosts (DeiT RASampler); 'host': local copies
   c.shuffle_buffer = 10_000
   c.cache = False
   c.prefetch = 2
@@ -138,6 +154,8 @@ def _resolve(data_cfg, model_defaults=None) -> ml_collections.ConfigDict:
     raise ValueError(f"data.crop_pct={cfg.crop_pct} must be in (0, 1].")
   if int(cfg.repeated_aug) < 1:
     raise ValueError(f"data.repeated_aug={cfg.repeated_aug} must be >= 1 (1 = off).")
+  if cfg.repeated_aug_scope not in REPEAT_SCOPES:
+    raise ValueError(f"data.repeated_aug_scope={cfg.repeated_aug_scope!r}: use one of {REPEAT_SCOPES}.")
   if cfg.rand_augment:
     randaugment.parse_config(cfg.rand_augment)  # fail early on a bad string
   return cfg
@@ -165,6 +183,9 @@ def _options():
   opts.deterministic = True
   opts.experimental_optimization.map_parallelization = True
   return opts
+
+
+SHARED_STREAM = 0xFFFFFFFF  # "host" index of the stream every host shares (the RASampler permutation)
 
 
 def _host_seed(seed: int, process_index: int) -> int:
@@ -208,9 +229,23 @@ def _train_transform(cfg, image_size: int):
   return fn
 
 
-def epoch_length(num_examples: int, repeated_aug: int) -> int:
-  """Elements per host per epoch: r * ceil(n / r) (= n without repeated augmentation)."""
+def global_repeats(repeated_aug: int, process_count: int, scope: str = "global") -> bool:
+  """Whether repeated augmentation spreads the copies of an image over hosts (RASampler) for this run."""
+  return int(repeated_aug) > 1 and int(process_count) > 1 and scope == "global"
+
+
+def epoch_length(num_examples: int, repeated_aug: int, *, process_count: int = 1, scope: str = "host") -> int:
+  """Elements per host per epoch.
+
+  Per host (``scope='host'``, a single process, or r = 1): r * ceil(n / r) (= n without repeated augmentation),
+  n = the examples of this host's part. Across hosts (:func:`global_repeats`): DeiT's RASampler,
+  floor(n // 256 * 256 / P), n = the examples of the whole split (splits under 256 images: floor(n / P)).
+  """
   r = int(repeated_aug)
+  if global_repeats(r, process_count, scope):
+    n = num_examples // RASAMPLER_MULTIPLE * RASAMPLER_MULTIPLE if num_examples >= RASAMPLER_MULTIPLE \
+        else num_examples
+    return n // int(process_count)
   return r * math.ceil(num_examples / r)
 
 
@@ -218,7 +253,7 @@ def _epoch_stream(base, n: int, cfg, host_seed: int):
   """Dataset of epochs -> (position, encoded, label), epoch e a pure function of (host_seed, e)."""
   r = int(cfg.repeated_aug)
   keep = math.ceil(n / r)
-  length = r * keep
+  length = epoch_length(n, r)
   buffer = max(1, min(int(cfg.shuffle_buffer), n))
 
   def one_epoch(epoch):
@@ -233,6 +268,42 @@ def _epoch_stream(base, n: int, cfg, host_seed: int):
     ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
     if r > 1:
       ds = ds.flat_map(lambda img, lab: tf.data.Dataset.from_tensors((img, lab)).repeat(r))
+    ds = ds.take(length)
+    return ds.enumerate().map(lambda pos, ex: (epoch * length + pos, ex[0], ex[1]))
+  return one_epoch, length
+
+
+def rasampler_counts(ranks, repeated_aug: int, process_count: int, process_index: int, length: int):
+  """Copies of each image that host `process_index` owns in a RASampler epoch (int64, like `ranks`).
+
+  `ranks` [n] is each image's place in the epoch's permutation: image k (by rank) fills stream positions
+  k r .. k r + r - 1; the host owns the positions p = process_index (mod P) below P * length. The count is
+  the number of such p in [k r, min(k r + r, P * length)), by floor division.
+  """
+  r, pc, pi = int(repeated_aug), int(process_count), int(process_index)
+  lo = ranks * r
+  hi = tf.minimum(lo + r, pc * length)
+  upto = lambda x: tf.math.floordiv(x - 1 - pi, pc)  # noqa: E731 - #{p < x : p = pi mod P} - const
+  return tf.where(hi > lo, upto(hi) - upto(lo), tf.zeros_like(lo))
+
+
+def _global_epoch_stream(base, n: int, cfg, host_seed: int, shared_seed: int, process_index: int,
+                         process_count: int):
+  """Like _epoch_stream, with the RASampler assignment across hosts (module docstring); `base` is the split."""
+  r = int(cfg.repeated_aug)
+  length = epoch_length(n, r, process_count=process_count, scope="global")
+  buffer = max(1, min(int(cfg.shuffle_buffer), n))
+
+  def one_epoch(epoch):
+    # The same permutation on every host: seeded without the host.
+    ranks = tf.random.experimental.stateless_shuffle(
+        tf.range(n, dtype=tf.int64), tf.stack([tf.constant(shared_seed, tf.int64), epoch]))
+    counts = rasampler_counts(ranks, r, process_count, process_index, length)
+    ds = base.enumerate().map(lambda i, ex: (counts[i], ex[0], ex[1])).filter(lambda c, img, lab: c > 0)
+    epoch_seed = tf.stack([tf.constant(host_seed, tf.int64), epoch])
+    shuffle_seed = tf.random.experimental.stateless_split(epoch_seed, 1)[0, 0]
+    ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+    ds = ds.flat_map(lambda c, img, lab: tf.data.Dataset.from_tensors((img, lab)).repeat(c))
     ds = ds.take(length)
     return ds.enumerate().map(lambda pos, ex: (epoch * length + pos, ex[0], ex[1]))
   return one_epoch, length
@@ -256,13 +327,20 @@ def build_train_iterator(data_cfg, *, global_batch_size: int, seed: int, start_s
   cfg, pi, pc, local_batch, builder = _setup(data_cfg, model_defaults, global_batch_size, process_index,
                                              process_count)
   split = sources.resolve_split(builder, cfg.train_split, purpose="train")
-  host_split = tfds.even_splits(split, n=pc)[pi]
-  n = builder.info.splits[host_split].num_examples
-  if n == 0:
-    raise sources.DataSourceError(f"Host {pi} of {pc} gets no training examples from split {split!r}.")
-  base = _read(builder, host_split, cfg).take(n)
   host_seed = _host_seed(seed, pi)
-  one_epoch, length = _epoch_stream(base, n, cfg, host_seed)
+  if global_repeats(cfg.repeated_aug, pc, cfg.repeated_aug_scope):
+    n = builder.info.splits[split].num_examples
+    if epoch_length(n, cfg.repeated_aug, process_count=pc, scope="global") == 0:
+      raise sources.DataSourceError(f"Split {split!r} has {n} examples: fewer than the {pc} processes.")
+    base = _read(builder, split, cfg).take(n)
+    one_epoch, length = _global_epoch_stream(base, n, cfg, host_seed, _host_seed(seed, SHARED_STREAM), pi, pc)
+  else:
+    host_split = tfds.even_splits(split, n=pc)[pi]
+    n = builder.info.splits[host_split].num_examples
+    if n == 0:
+      raise sources.DataSourceError(f"Host {pi} of {pc} gets no training examples from split {split!r}.")
+    base = _read(builder, host_split, cfg).take(n)
+    one_epoch, length = _epoch_stream(base, n, cfg, host_seed)
   start = int(start_step) * local_batch
   first_epoch, offset = divmod(start, length)
 
