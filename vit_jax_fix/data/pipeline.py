@@ -281,10 +281,12 @@ def rasampler_counts(ranks, repeated_aug: int, process_count: int, process_index
   the number of such p in [k r, min(k r + r, P * length)), by floor division.
   """
   r, pc, pi = int(repeated_aug), int(process_count), int(process_index)
+
+  def owned_below(x):  # #{p < x : p = pi (mod P)}, minus 1 (which cancels in the difference)
+    return tf.math.floordiv(x - 1 - pi, pc)
   lo = ranks * r
   hi = tf.minimum(lo + r, pc * length)
-  upto = lambda x: tf.math.floordiv(x - 1 - pi, pc)  # noqa: E731 - #{p < x : p = pi mod P} - const
-  return tf.where(hi > lo, upto(hi) - upto(lo), tf.zeros_like(lo))
+  return tf.where(hi > lo, owned_below(hi) - owned_below(lo), tf.zeros_like(lo))
 
 
 def _global_epoch_stream(base, n: int, cfg, host_seed: int, shared_seed: int, process_index: int,
