@@ -563,10 +563,11 @@ def render(result) -> str:
     ]) + " |")
   gj = [r["jax"]["gemm_flops_s"] for r in rows if "gemm_flops_s" in r["jax"]]
   gt = [r["torch"]["gemm_flops_s"] for r in rows if r["torch"] and "gemm_flops_s" in r["torch"]]
-  L += ["", f"GEMM rate ({meta['gemm_n']}^3 fp32 matmul, median over the workers): JAX "
-        f"{statistics.median(gj) / 1e9:.0f} GFLOP/s (range {min(gj) / 1e9:.0f}-{max(gj) / 1e9:.0f})"
-        + (f", torch {statistics.median(gt) / 1e9:.0f} GFLOP/s (range {min(gt) / 1e9:.0f}-{max(gt) / 1e9:.0f})"
-           if gt else "") + "."]
+  if gj:
+    L += ["", f"GEMM rate ({meta['gemm_n']}^3 fp32 matmul, median over the workers): JAX "
+          f"{statistics.median(gj) / 1e9:.0f} GFLOP/s (range {min(gj) / 1e9:.0f}-{max(gj) / 1e9:.0f})"
+          + (f", torch {statistics.median(gt) / 1e9:.0f} GFLOP/s (range {min(gt) / 1e9:.0f}-{max(gt) / 1e9:.0f})"
+             if gt else "") + "."]
   bf = [r for r in rows if "bf16_vs_fp32_max_abs" in r["jax"]]
   for r in bf:
     L.append(f"bf16 ({r['case']}): max |logit_bf16 - logit_fp32| = {r['jax']['bf16_vs_fp32_max_abs']:.3g} "

@@ -71,6 +71,43 @@ def test_circulant_fft_equals_dense(din, dout, num_cir):
   np.testing.assert_allclose(y_fft, ref, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("impl", ["fft", "dense"])
+def test_circulant_group_equals_paths_one_by_one(impl):
+  """apply_group (shared FFT of the input, or one GEMM) gives each projection's own output, with grads."""
+  projs = [shortcuts.CirculantLinear(48, 48, 4, impl=impl, rngs=nnx.Rngs(i)) for i in range(2)]
+  ref = [shortcuts.CirculantLinear(48, 48, 4, impl="dense" if impl == "fft" else "fft", rngs=nnx.Rngs(i))
+         for i in range(2)]
+  x = jax.random.normal(jax.random.key(1), (2, 7, 48))
+  got = shortcuts.apply_group(projs, x)
+  for g, p, r in zip(got, projs, ref):
+    np.testing.assert_allclose(g, r(x), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(g, p(x), rtol=1e-6, atol=1e-6)
+  loss = lambda xx: sum(jnp.sum(jnp.sin(y)) for y in shortcuts.apply_group(projs, xx))
+  loss_ref = lambda xx: sum(jnp.sum(jnp.sin(r(xx))) for r in ref)
+  np.testing.assert_allclose(jax.grad(loss)(x), jax.grad(loss_ref)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_circulant_auto_impl_resolves_per_backend():
+  layer = shortcuts.CirculantLinear(48, 48, 4, rngs=nnx.Rngs(0))           # impl='auto' (default)
+  assert layer.impl == shortcuts.AUTO_IMPL.get(jax.default_backend(), "dense")
+  model = vit_jax_fix.create_model("augvit_small_circulant2", **TINY)
+  assert model.blocks[0].augs.impl in ("fft", "dense")
+  with pytest.raises(ValueError, match="circulant_impl"):
+    shortcuts.CirculantLinear(48, 48, 4, impl="fast", rngs=nnx.Rngs(0))
+
+
+def test_gelu_is_torch_exact_gelu():
+  """layers.gelu (erf form, torch's formula) against float64 torch GELU; gradient against the erfc form."""
+  torch = pytest.importorskip("torch")
+  from vit_jax_fix.models import layers
+  x = np.random.default_rng(0).normal(0, 3, 4096).astype(np.float32)
+  ref = torch.nn.functional.gelu(torch.from_numpy(x.astype(np.float64))).numpy()
+  np.testing.assert_allclose(np.asarray(layers.gelu(jnp.asarray(x)), np.float64), ref, rtol=0, atol=2e-6)
+  g = jax.grad(lambda t: jnp.sum(layers.gelu(t)))(jnp.asarray(x))
+  g_ref = jax.grad(lambda t: jnp.sum(jax.nn.gelu(t, approximate=False)))(jnp.asarray(x))
+  np.testing.assert_allclose(g, g_ref, rtol=0, atol=2e-6)
+
+
 def test_attnscale_fused_equals_explicit():
   attn = Attention(32, 4, attn_scale=True, rngs=nnx.Rngs(0))
   attn.lamb.set_value(jax.random.normal(jax.random.key(2), (4,)))

@@ -53,7 +53,7 @@ class Block(nnx.Module):
                layer_scale: float | None = None, talking_heads: bool = False, attn_scale: bool = False,
                reattention: bool = False, reattention_scale: bool = False, feat_scale: str | None = None,
                feat_scale_bands: int = 2, feat_scale_impl: str = "fft", aug_shortcut: str | None = None,
-               num_cir: int = 4, circulant_impl: str = "fft", aug_paper_form: bool = False,
+               num_cir: int = 4, circulant_impl: str = "auto", aug_paper_form: bool = False,
                scale_adjustment: float = 1.0, keep_rate: float = 1.0, fuse_token: bool = False,
                drop_path_active: bool | None = None, dtype=None, precision=None):
     if feat_scale not in FEAT_SCALE_MODES:
@@ -96,8 +96,8 @@ class Block(nnx.Module):
     sub-layer input `x_in`, no rescale."""
     src = x_in if self.aug_paper_form else normed
     two = shortcuts.two_paths(self.aug_shortcut)
-    for name in names:
-      path = getattr(self, name)(src)
+    # The paths of a sub-layer read the same input: one shared FFT (or one GEMM) for all of them.
+    for path in shortcuts.apply_group([getattr(self, name) for name in names], src):
       x = x + (layers.gelu(path) if two else path).astype(x.dtype)
     return x * self.aug_rescale if self.aug_rescale != 1.0 else x
 
@@ -187,7 +187,7 @@ class VisionTransformer(nnx.Module):
                layer_scale: Any = None, talking_heads: Any = False, attn_scale: Any = False,
                reattention: Any = False, reattention_scale: bool = False, feat_scale: Any = None,
                feat_scale_bands: int = 2, feat_scale_impl: str = "fft", aug_shortcut: Any = None,
-               num_cir: int = 4, circulant_impl: str = "fft", aug_paper_form: bool = False,
+               num_cir: int = 4, circulant_impl: str = "auto", aug_paper_form: bool = False,
                scale_adjustment: float = 1.0, keep_rate: Any = 1.0, keep_rate_blocks: Sequence[int] | None = None,
                fuse_token: bool = False, scan_blocks: bool = True, remat: bool = False, dtype=None,
                precision=None, rngs: nnx.Rngs | None = None):

@@ -1,0 +1,94 @@
+"""Which circulant form is faster on this backend: AugViT block with 'fft' vs 'dense' projections, DeiT block.
+
+    python benchmarks/circulant_impl.py                      # batch 8, 197 tokens, D=384 (AugViT-S), 15 rounds
+    python benchmarks/circulant_impl.py --out benchmarks/results/circulant_impl
+
+One process, the variants compiled first, then timed INTERLEAVED (round r runs every variant once), so
+that load from other jobs hits all of them alike. Per call: wall time and process CPU time (on a shared
+machine the CPU time is the steadier measure of work); medians and minima are reported, with the load
+average. The result decides `vit_jax_fix.models.shortcuts.AUTO_IMPL` for the backend.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vit_jax_fix.models import vit
+
+
+def build(variant: str, x):
+  kw = {} if variant == "deit" else dict(aug_shortcut="circulant2", circulant_impl=variant.split("_")[1])
+  blk = vit.Block(x.shape[-1], x.shape[-1] // 64, rngs=nnx.Rngs(0), **kw)
+  graphdef, params, rest = nnx.split(blk, nnx.Param, ...)
+
+  def f(p, x):
+    return nnx.merge(graphdef, p, rest)(x)[0]
+
+  fwd = jax.jit(f).lower(params, x).compile()
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(f(p, x) ** 2), argnums=(0, 1))).lower(params, x).compile()
+  return {"fwd": lambda: fwd(params, x).block_until_ready(),
+          "grad": lambda: jax.block_until_ready(grad(params, x))}, f(params, x)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--tokens", type=int, default=197)
+  p.add_argument("--dim", type=int, default=384)
+  p.add_argument("--rounds", type=int, default=15)
+  p.add_argument("--out", default=None, help="output prefix (.json and .md)")
+  args = p.parse_args()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, args.tokens, args.dim)), jnp.float32)
+  variants = ["deit", "augvit_fft", "augvit_dense"]
+  fns, outs = {}, {}
+  for v in variants:
+    f, outs[v] = build(v, x)
+    fns.update({f"{v}:{k}": g for k, g in f.items()})
+  diff = float(jnp.max(jnp.abs(outs["augvit_fft"] - outs["augvit_dense"])))
+  load0 = os.getloadavg()
+  wall = {k: [] for k in fns}
+  cpu = {k: [] for k in fns}
+  for _ in range(args.rounds):
+    for k, f in fns.items():
+      f()  # warm the caches for this variant
+      t0, c0 = time.perf_counter(), time.process_time()
+      f()
+      wall[k].append(time.perf_counter() - t0)
+      cpu[k].append(time.process_time() - c0)
+  res = dict(backend=jax.default_backend(), device=str(jax.devices()[0]), batch=args.batch, tokens=args.tokens,
+             dim=args.dim, rounds=args.rounds, loadavg_start=[round(v, 2) for v in load0],
+             loadavg_end=[round(v, 2) for v in os.getloadavg()], fft_vs_dense_max_abs=diff,
+             ms={k: dict(wall_median=1e3 * statistics.median(wall[k]), wall_min=1e3 * min(wall[k]),
+                         cpu_median=1e3 * statistics.median(cpu[k]), cpu_min=1e3 * min(cpu[k])) for k in fns})
+  lines = [f"# Circulant projection forms on {res['backend']} ({res['device']})", "",
+           f"`python benchmarks/circulant_impl.py` — block input ({args.batch}, {args.tokens}, {args.dim}), "
+           f"{args.rounds} interleaved rounds, load average {res['loadavg_start']} -> {res['loadavg_end']}; "
+           f"max |fft - dense| = {diff:.2e}.", "",
+           "| variant | wall median ms | wall min ms | CPU median ms | CPU min ms | CPU median vs DeiT block |",
+           "|---|---:|---:|---:|---:|---:|"]
+  for k, m in res["ms"].items():
+    base = res["ms"]["deit:" + k.split(":")[1]]["cpu_median"]
+    lines.append(f"| {k} | {m['wall_median']:.1f} | {m['wall_min']:.1f} | {m['cpu_median']:.1f} | "
+                 f"{m['cpu_min']:.1f} | {m['cpu_median'] / base:.2f}x |")
+  fast = {s: min(("fft", "dense"), key=lambda i: res["ms"][f"augvit_{i}:{s}"]["cpu_median"]) for s in ("fwd", "grad")}
+  lines += ["", f"Faster form on {res['backend']}: forward {fast['fwd']}, gradient {fast['grad']}."]
+  md = "\n".join(lines) + "\n"
+  print(md)
+  if args.out:
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    out.with_suffix(".md").write_text(md)
+
+
+if __name__ == "__main__":
+  main()
