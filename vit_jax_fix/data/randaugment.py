@@ -198,15 +198,23 @@ def _shift_rows(img, q, method):
 
 
 def _warp_2d(img, sx, sy, method):
-  """General case (rotation): 16 taps per pixel, weights outer(wy, wx)."""
+  """General case (rotation): 16 taps per pixel, weights outer(wy, wx).
+
+  The 4 taps of a row are adjacent in memory once each pixel carries its 3 right neighbours (``quads``, built
+  from the edge-padded image), so a pixel needs 4 gathers of 12 values instead of 16 of 3. Only source points
+  inside the image are used (the caller fills the rest), so x0, y0 are clamped to [-1, size - 1].
+  """
   h, w = tf.shape(img)[0], tf.shape(img)[1]
   sx, sy = sx - 0.5, sy - 0.5
   x0, y0 = tf.floor(sx), tf.floor(sy)
-  off = tf.constant(_OFFSETS)
-  cols = tf.clip_by_value(tf.cast(x0, tf.int32)[..., None] + off, 0, w - 1)
-  rows = tf.clip_by_value(tf.cast(y0, tf.int32)[..., None] + off, 0, h - 1)
-  idx = rows[..., :, None] * w + cols[..., None, :]  # [H', W', 4, 4]
-  taps = tf.gather(tf.reshape(img, [h * w, -1]), tf.reshape(idx, [-1, 16]))  # [H' W', 16, C]
+  padded = _edge_pad(_edge_pad(img, 0, 2), 1, 2)  # img[y, x] at padded[y + 2, x + 2]
+  quads = tf.concat([padded[:, j:j + w + 1] for j in range(4)], -1)  # [H + 4, W + 1, 4C]: cols u - 2 .. u + 1
+  col = tf.clip_by_value(tf.cast(x0, tf.int32), -1, w - 1) + 1  # quads column holding x0 - 1 .. x0 + 2
+  row = tf.clip_by_value(tf.cast(y0, tf.int32), -1, h - 1) + 1  # padded row of y0 - 1
+  idx = (row * (w + 1) + col)[..., None] + tf.range(4) * (w + 1)  # [H', W', 4]: rows y0 - 1 .. y0 + 2
+  channels = tf.shape(img)[2]
+  taps = tf.reshape(tf.gather(tf.reshape(quads, [-1, 4 * channels]), tf.reshape(idx, [-1, 4])),
+                    [-1, 16, channels])  # [H' W', 16 (row-major 4 x 4), C]
   wx = _weights(tf.cast(sx - x0, tf.float32), method)
   wy = _weights(tf.cast(sy - y0, tf.float32), method)
   weights = tf.reshape(wy[..., :, None] * wx[..., None, :], [-1, 16])
