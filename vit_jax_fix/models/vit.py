@@ -307,28 +307,30 @@ class VisionTransformer(nnx.Module):
       old_values = {p: v.get_value() for p, v in nnx.to_flat_state(state)}
       blk = nnx.merge(graphdef, state)
       y, aux = blk(carry, grid=grid, num_prefix=num_prefix, return_map=return_map)
-      new = nnx.state(blk)
-      changed_paths[:] = [p for p, v in nnx.to_flat_state(new) if v.get_value() is not old_values.get(p)]
-      return y, (y, aux["attn"], new)
+      changed = [(p, v) for p, v in nnx.to_flat_state(nnx.state(blk)) if v.get_value() is not old_values.get(p)]
+      changed_paths[:] = [p for p, _ in changed]
+      # Per-block outputs only of what is used: the block's tokens when intermediates are asked for, and the
+      # state it changed (not a stacked copy of every parameter).
+      return y, (y if return_map else None, aux["attn"], nnx.from_flat_state(changed))
 
     if self.remat:
       body = jax.checkpoint(body)
 
-    def write_back(block, new_state):
+    def write_back(block, changed_state):
       if changed_paths:
-        flat = dict(nnx.to_flat_state(new_state))
-        nnx.update(block, nnx.from_flat_state([(p, flat[p]) for p in changed_paths]))
+        nnx.update(block, changed_state)
 
     if len(segment) == 1:
-      x, (tok, amap, new) = body(x, states[0])
+      x, (_, amap, new) = body(x, states[0])
       write_back(segment[0], new)
-      return x, [tok], [amap]
+      return x, [x], [amap]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     x, (toks, maps, new_states) = jax.lax.scan(body, x, stacked)
     for i, b in enumerate(segment):
       write_back(b, jax.tree.map(lambda a: a[i], new_states))
     n = len(segment)
-    return x, [toks[i] for i in range(n)], [None if maps is None else maps[i] for i in range(n)]
+    toks = [toks[i] for i in range(n)] if toks is not None else [None] * (n - 1) + [x]
+    return x, toks, [None if maps is None else maps[i] for i in range(n)]
 
   def embed(self, images):
     """images (B, H, W, C) -> tokens (B, N0, D) entering the first block, and the patch grid."""
