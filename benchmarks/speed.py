@@ -134,9 +134,8 @@ def jax_worker(job: dict) -> dict:
       var.set_value(jnp.asarray(rng.uniform(0.5, 2.0, var.shape), jnp.float32))
     if isinstance(var, nnx.BatchStat) and str(path[-1]) == "mean":
       var.set_value(jnp.asarray(rng.normal(0, 0.05, var.shape), jnp.float32))
-  h, w = model.img_size if hasattr(model, "img_size") else (job["img"], job["img"])
-  if not isinstance(h, int):
-    h, w = job["img"], job["img"]
+  size = getattr(model, "img_size", job["img"])
+  h, w = (size, size) if isinstance(size, int) else tuple(size)
   x = jnp.asarray(rng.normal(size=(b, h, w, 3)), jnp.float32)
   ncls = int(getattr(model, "num_classes", 1000))
   y = jnp.asarray(rng.integers(0, ncls, size=(b,)))
@@ -182,7 +181,10 @@ def jax_worker(job: dict) -> dict:
 
   def train_step(params, rest, opt_state, x, y):
     def loss_fn(p, r):
-      m = nnx.merge(graphdef, p, r)  # merged inside the differentiated trace, so BatchNorm can update
+      # Merged inside the differentiated trace, so BatchNorm can update: `r` is not differentiated, so its
+      # Variables would belong to the outer (jit) trace and nnx refuses to mutate them here; tree.map rebuilds
+      # them in this trace (free: same arrays).
+      m = nnx.merge(graphdef, p, jax.tree.map(lambda a: a, r))
       logits = m(x)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
       return loss, nnx.state(m, nnx.Not(nnx.Param))

@@ -262,3 +262,27 @@ def test_scanned_blocks_train_like_the_loop():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, g1)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s0, s1)
   assert not np.allclose(s0["blocks"][0]["attn"]["var_norm"]["mean"], 0.0)  # statistics were updated
+
+
+@pytest.mark.parametrize("name", ["deepvit_patch16_224_re_attn_16b", "augvit_small_circulant2"])
+def test_remat_policies_train_like_no_remat(name):
+  """remat (what the backward pass of scanned blocks keeps) changes memory and speed, not the result:
+  False, True and 'dots' (the default) give the same loss, gradients and BatchNorm statistics."""
+  kw = dict(TINY, depth=3, num_heads=4)
+
+  def run(remat):
+    model = vit_jax_fix.create_model(name, **kw, remat=remat)
+    model.train()
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    loss, grads = nnx.jit(lambda m: nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(m))(model)
+    return loss, nnx.to_pure_dict(grads), nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+  assert vit_jax_fix.create_model(name, **kw).remat == "dots"
+  ref = run(False)
+  for remat in (True, "dots"):
+    got = run(remat)
+    np.testing.assert_allclose(ref[0], got[0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), ref[1], got[1])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ref[2], got[2])
+  with pytest.raises(ValueError, match="remat"):
+    vit_jax_fix.create_model(name, **kw, remat="everything")

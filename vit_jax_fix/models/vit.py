@@ -189,14 +189,20 @@ class VisionTransformer(nnx.Module):
                feat_scale_bands: int = 2, feat_scale_impl: str = "fft", aug_shortcut: Any = None,
                num_cir: int = 4, circulant_impl: str = "auto", aug_paper_form: bool = False,
                scale_adjustment: float = 1.0, keep_rate: Any = 1.0, keep_rate_blocks: Sequence[int] | None = None,
-               fuse_token: bool = False, scan_blocks: bool = True, remat: bool = False, dtype=None,
+               fuse_token: bool = False, scan_blocks: bool = True, remat: bool | str = "dots", dtype=None,
                precision=None, rngs: nnx.Rngs | None = None):
     rngs = rngs if rngs is not None else nnx.Rngs(params=0, dropout=1)
     # Consecutive blocks with the same graph run under one jax.lax.scan (the parameter layout stays per
     # block, so checkpoints and PyTorch conversion do not change). On by default: compile time no longer
     # grows with depth, and on CPU the unrolled program of AugViT blocks also ran ~2x slower (XLA fused
-    # and recomputed the erf-GELU shortcut paths). remat recomputes block activations in the backward pass.
-    self.scan_blocks, self.remat = bool(scan_blocks), bool(remat)
+    # and recomputed the erf-GELU shortcut paths). remat: what the backward pass of scanned blocks keeps
+    # from the forward pass (jax.checkpoint): False keeps every residual; 'dots' (default) keeps the outputs
+    # of the linear layers (matmuls without batch dims) and recomputes attention and the element-wise work
+    # (measured 6-8% faster train step than False on CPU: fewer stacked residuals written and read);
+    # True keeps only each block's input (least memory, one more forward pass).
+    if remat not in (False, True, "dots"):
+      raise ValueError(f"remat must be False, True or 'dots', got {remat!r}")
+    self.scan_blocks, self.remat = bool(scan_blocks), remat
     img = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size, img_size)
     if pos_embed not in ("cls", "patches"):
       raise ValueError(f"pos_embed must be 'cls' (slot for the class token) or 'patches', got {pos_embed!r}")
@@ -313,7 +319,9 @@ class VisionTransformer(nnx.Module):
       # state it changed (not a stacked copy of every parameter).
       return y, (y if return_map else None, aux["attn"], nnx.from_flat_state(changed))
 
-    if self.remat:
+    if self.remat == "dots":
+      body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    elif self.remat:
       body = jax.checkpoint(body)
 
     def write_back(block, changed_state):
@@ -358,7 +366,7 @@ class VisionTransformer(nnx.Module):
     x, grid = self.embed(images)
     inter = {"embed": x, "tokens": [], "attn": [], "reorg": [], "cls_tokens": [], "cls_attn": []}
     for segment in self._segments():
-      if len(segment) > 1 or self.remat:
+      if len(segment) > 1 or self.remat is True:
         x, tokens, maps = self._run_functional(segment, x, grid, return_intermediates)
         inter["tokens"] += tokens
         inter["attn"] += maps
