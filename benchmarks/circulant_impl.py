@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import statistics
+import sys
 import time
 
 import jax
@@ -22,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_jax_fix.models import vit
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from vit_jax_fix.models import vit  # noqa: E402
 
 
 def build(variant: str, x):
