@@ -22,3 +22,20 @@ def shared_dir():
   if not SHARED.is_dir():
     pytest.fail(f"../shared not found at {SHARED}: CI clones the repository beside it.")
   return SHARED
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory):
+  """The embedded demo set, prepared once for the whole session: every xdist worker and notebook kernel uses
+  this one folder (a file lock keeps them from preparing it concurrently) and the user's ~/.cache is left
+  alone."""
+  import fcntl
+  root = tmp_path_factory.getbasetemp().parent / "vit_jax_fix_notebook_data"
+  root.mkdir(exist_ok=True)
+  with open(root / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    from vit_jax_fix import data as vdata
+    cfg = vdata.default_data_config()
+    cfg.dataset, cfg.data_dir = "demo", str(root)
+    vdata.dataset_info(cfg)  # prepares it when missing
+  return root

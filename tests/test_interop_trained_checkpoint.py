@@ -21,7 +21,6 @@ Run just these:  python -m pytest tests/test_interop_trained_checkpoint.py -q
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 
@@ -42,21 +41,6 @@ TINY = dict(img_size=28, patch_size=14, embed_dim=64, depth=2, num_heads=2, drop
 STEPS = 100
 EVAL_BATCH = 128      # 500 eval examples: the last batch is padded (116 real + 12 masked)
 MIN_TOP1 = 0.5        # a trained model; chance is 0.1
-
-
-@pytest.fixture(scope="module")
-def demo_data_dir(tmp_path_factory):
-  """The embedded demo set, prepared once per test session for every xdist worker (the same folder and lock as
-  tests/test_notebooks.py, so it is prepared only once) and never in the user's ~/.cache."""
-  root = tmp_path_factory.getbasetemp().parent / "vit_jax_fix_notebook_data"
-  root.mkdir(exist_ok=True)
-  with open(root / ".lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    from vit_jax_fix import data as vdata
-    cfg = vdata.default_data_config()
-    cfg.dataset, cfg.data_dir = "demo", str(root)
-    vdata.dataset_info(cfg)  # prepares it when missing
-  return str(root)
 
 
 def _config(data_dir):
@@ -86,7 +70,7 @@ def _config(data_dir):
 def trained(demo_data_dir, tmp_path_factory):
   from vit_jax_fix.train import loop
   from vit_jax_fix.train import sharding as S
-  config = _config(demo_data_dir)
+  config = _config(str(demo_data_dir))
   workdir = str(tmp_path_factory.mktemp("trained_deit") / "run")
   mesh = S.make_mesh(1, 1, devices=jax.devices()[:1])   # one device: the fastest on 2 cores
   final = loop.train_and_evaluate(config, workdir, mesh=mesh)

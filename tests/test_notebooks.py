@@ -7,7 +7,6 @@ Run just these:  python -m pytest tests/test_notebooks.py -q
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import pathlib
 import subprocess
@@ -19,21 +18,6 @@ import pytest
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 900
-
-
-@pytest.fixture(scope="session")
-def demo_data_dir(tmp_path_factory):
-  """The embedded demo set prepared once for all notebook kernels (and all xdist workers: a file lock), so
-  that kernels never prepare it concurrently and the user's ~/.cache is left alone."""
-  root = tmp_path_factory.getbasetemp().parent / "vit_jax_fix_notebook_data"
-  root.mkdir(exist_ok=True)
-  with open(root / ".lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    from vit_jax_fix import data as vdata
-    cfg = vdata.default_data_config()
-    cfg.dataset, cfg.data_dir = "demo", str(root)
-    vdata.dataset_info(cfg)  # prepares it when missing
-  return root
 
 
 def kernel_env(workdir: pathlib.Path, data_dir: pathlib.Path) -> dict:

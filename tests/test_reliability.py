@@ -23,8 +23,8 @@ import pytest
 
 from vit_jax_fix.data import testing as data_testing
 from vit_jax_fix.train import checkpoint as ckpt
-from vit_jax_fix.train import config as C
 from vit_jax_fix.train import finetune
+from tests import train_configs
 from tests.test_train_e2e import _tail
 from vit_jax_fix.train import loop
 from vit_jax_fix.train import sharding as S
@@ -47,41 +47,15 @@ def _flat(tree):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-  base = tmp_path_factory.mktemp("rel_data")
-  root = str(base / "imgs")
-  data_testing.make_image_folder(root, num_classes=3, per_class=8, size=(20, 20))
-  return root, str(base / "tfds")
+  return train_configs.make_folder(tmp_path_factory.mktemp("rel_data"))
 
 
 def _config(folder, **kw):
-  root, data_dir = folder
-  c = C.base_config()
-  c.model.name = "deit_small_patch16_224"
-  c.model.overrides = dict(TINY)
-  d = c.data
-  d.dataset, d.folder, d.data_dir, d.eval_split = "folder", root, data_dir, "train"
-  d.image_size, d.augment, d.rand_augment, d.reprob, d.hflip = 16, "none", "", 0.0, 0.0
-  d.mixup, d.cutmix, d.repeated_aug, d.shuffle_buffer, d.label_smoothing = 0.0, 0.0, 1, 32, 0.1
-  c.batch_size = 8
-  c.eval_batch_size = 8
-  c.total_steps = 6
-  c.schedule.warmup_steps = 2
-  c.optimizer.lr = 1e-3
-  c.optimizer.lr_batch_scale = 0
-  c.ema.decay = 0.9
-  c.log_every_steps = 1
-  c.eval_every_steps = 0
-  c.checkpoint_every_steps = 2
-  c.max_to_keep = 3
-  c.progress_bar = False
-  c.mesh.data = 2
-  for k, v in kw.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  c = train_configs.folder_config(folder, model="deit_small_patch16_224", overrides=TINY, **{
+      "total_steps": 6, "schedule.warmup_steps": 2, "optimizer.lr": 1e-3, "ema.decay": 0.9,
+      "data.label_smoothing": 0.1, "log_every_steps": 1, "checkpoint_every_steps": 2, "max_to_keep": 3,
+      "mesh.data": 2})
+  return train_configs.set_keys(c, **kw)
 
 
 def _mesh():

@@ -15,7 +15,6 @@ import tensorflow as tf
 
 from vit_jax_fix import diagnostics
 from vit_jax_fix.data import build_eval_iterator
-from vit_jax_fix.data import testing as data_testing
 from vit_jax_fix.models import registry
 from vit_jax_fix.train import checkpoint as ckpt
 from vit_jax_fix.train import config as C
@@ -23,32 +22,19 @@ from vit_jax_fix.train import loop
 from vit_jax_fix.train import metrics as metrics_lib
 from vit_jax_fix.train import sharding as S
 
+from tests import train_configs
+
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   base = tmp_path_factory.mktemp("diag")
-  root = str(base / "imgs")
-  data_testing.make_image_folder(root, num_classes=3, per_class=8, size=(20, 20))
-  c = C.base_config()
-  c.model.overrides = dict(TINY)
-  d = c.data
-  d.dataset, d.folder, d.data_dir, d.eval_split = "folder", root, str(base / "tfds"), "train"
-  d.image_size, d.augment, d.rand_augment, d.reprob, d.hflip = 16, "none", "", 0.0, 0.0
-  d.mixup, d.cutmix, d.repeated_aug, d.shuffle_buffer = 0.0, 0.0, 1, 32
-  c.batch_size = c.eval_batch_size = 8
-  c.total_steps = 4
-  c.schedule.warmup_steps = 1
-  c.optimizer.lr, c.optimizer.lr_batch_scale = 1e-3, 0
-  c.ema.decay = 0.0
-  c.eval_every_steps = 0
-  c.checkpoint_every_steps = 2
-  c.progress_bar = False
-  c.sharding.strategy, c.sharding.fsdp_min_size = "fsdp", 16
-  c.diagnostics.every_steps = 2
-  c.diagnostics.num_batches = 2
-  c.diagnostics.batch_size = 4
+  c = train_configs.folder_config(train_configs.make_folder(base), model="deit_small_patch16_224",
+                                  overrides=TINY, **{
+      "total_steps": 4, "schedule.warmup_steps": 1, "optimizer.lr": 1e-3, "ema.decay": 0.0,
+      "checkpoint_every_steps": 2, "sharding.strategy": "fsdp", "sharding.fsdp_min_size": 16,
+      "diagnostics.every_steps": 2, "diagnostics.num_batches": 2, "diagnostics.batch_size": 4})
   workdir = base / "w"
   loop.train_and_evaluate(c, str(workdir), mesh=S.make_mesh(1, 2, devices=jax.devices()[:2]))
   return c, workdir

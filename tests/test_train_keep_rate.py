@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vit_jax_fix.data import testing as data_testing
 from vit_jax_fix.models import cost
 from vit_jax_fix.models import keep_rate as keep_rate_lib
 from vit_jax_fix.train import checkpoint as ckpt
-from vit_jax_fix.train import config as C
 from vit_jax_fix.train import loop
 from vit_jax_fix.train import metrics as metrics_lib
 from vit_jax_fix.train import sharding as S
+
+from tests import train_configs
 
 EVIT_TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, keep_rate=0.5,
                  keep_rate_blocks=(1,), fuse_token=True)
@@ -28,41 +28,18 @@ STEPS_PER_EPOCH = 3       # 24 images, batch 8
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-  base = tmp_path_factory.mktemp("krs_data")
-  root = str(base / "imgs")
-  data_testing.make_image_folder(root, num_classes=3, per_class=8, size=(20, 20))
-  return root, str(base / "tfds")
+  return train_configs.make_folder(tmp_path_factory.mktemp("krs_data"))
 
 
 def _config(folder, **kw):
-  root, data_dir = folder
-  c = C.base_config()
-  c.model.name = "deit_small_patch16_shrink_base"
-  c.model.overrides = dict(EVIT_TINY)
-  d = c.data
-  d.dataset, d.folder, d.data_dir, d.eval_split = "folder", root, data_dir, "train"
-  d.image_size, d.augment, d.rand_augment, d.reprob, d.hflip = 16, "none", "", 0.0, 0.0
-  d.mixup, d.cutmix, d.repeated_aug, d.shuffle_buffer = 0.0, 0.0, 1, 32
-  c.batch_size = c.eval_batch_size = 8
-  c.total_steps = 12
-  c.schedule.warmup_steps = 2
-  c.optimizer.lr_batch_scale = 0
-  c.ema.decay = 0.0
-  c.log_every_steps = 1
-  c.eval_every_steps = 0
-  c.checkpoint_every_steps = 3
-  c.progress_bar = False
-  c.keep_rate_schedule.enabled = True
-  c.keep_rate_schedule.start_epochs = 1.0      # 3 updates at keep rate 1
-  c.keep_rate_schedule.ramp_epochs = 2.0       # cosine over 6 updates
-  c.keep_rate_schedule.granularity = 0.25      # grid {0.5, 0.75, 1}: at most 3 programs
-  for k, v in kw.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  c = train_configs.folder_config(folder, model="deit_small_patch16_shrink_base", overrides=EVIT_TINY, **{
+      "total_steps": 12, "schedule.warmup_steps": 2, "ema.decay": 0.0, "log_every_steps": 1,
+      "checkpoint_every_steps": 3,
+      "keep_rate_schedule.enabled": True,
+      "keep_rate_schedule.start_epochs": 1.0,      # 3 updates at keep rate 1
+      "keep_rate_schedule.ramp_epochs": 2.0,       # cosine over 6 updates
+      "keep_rate_schedule.granularity": 0.25})     # grid {0.5, 0.75, 1}: at most 3 programs
+  return train_configs.set_keys(c, **kw)
 
 
 def _mesh():
