@@ -53,7 +53,7 @@ CASES = {
     "featscale_mean": ("featscale_small_12", {"feat_scale_impl": "mean"}, "ref", {}),
     **{f"evit_{k}": (EVIT, {"keep_rate": k}, "ref", {}) for k in (0.5, 0.6, 0.7, 0.8, 0.9)},
     "deit_bf16": (DEIT_S, {"dtype": "bfloat16"}, "timm", {"torch_bf16": True}),
-    "shunted_t": ("shunted_t", {}, None, {}),
+    "shunted_t": ("shunted_t", {}, "ref", {}),
 }
 # Most informative first: results are written after every case, so a run cut short still reports them.
 FULL = ["deit", "augvit_fft", "augvit_dense", "evit_0.7", "deit3", "cait_xxs24", "deepvit_16b", "attnscale",
@@ -296,7 +296,7 @@ def torch_worker(job: dict) -> dict:
     out["torch_model"] = f"timm {type(model).__name__}"
   else:
     model = torch_reference.reference_for(name, **ov)
-    out["torch_model"] = "benchmarks/torch_reference.RefViT"
+    out["torch_model"] = f"benchmarks/torch_reference.{type(model).__name__}"
   model.load_state_dict(sd, strict=True)
   model.eval()
   bf16 = job.get("torch_bf16", False)

@@ -177,9 +177,11 @@ class RefViT(nn.Module):
     return self.head(self.norm(x)[:, 0])
 
 
-def reference_for(name: str, **overrides) -> RefViT:
-  """The reference model of a registered name of the augvit / deepvit / ao / evit families (or plain DeiT-S
-  with explicit attention for 'deit_small_patch16_224')."""
+def reference_for(name: str, **overrides) -> nn.Module:
+  """The reference model of a registered name of the augvit / deepvit / ao / evit / shunted families (or
+  plain DeiT-S with explicit attention for 'deit_small_patch16_224')."""
+  if name.startswith("shunted"):
+    return shunted_reference_for(name, **overrides)
   from vit_jax_fix.interop.timm_models import full_kwargs
   kw = full_kwargs(name, **overrides)
   base = dict(img_size=kw["img_size"], patch_size=kw["patch_size"], num_classes=kw["num_classes"],

@@ -192,3 +192,41 @@ def test_too_small_input_is_rejected(eval_forward):
   model, _ = eval_forward
   with pytest.raises(ValueError, match="stage-1 map"):
     nnx.eval_shape(lambda m, x: m(x), model, jnp.zeros((1, 16, 16, 3)))
+
+
+@pytest.mark.parametrize("shape,kernel,pad", [((2, 7, 5, 24), 3, 1), ((1, 6, 9, 8), 5, 2), ((2, 4, 4, 8), 3, 0)])
+def test_depthwise_conv_shifted_sum_equals_the_grouped_convolution(shape, kernel, pad, monkeypatch):
+  """The depthwise convs run as shifted multiply-adds on CPU (DEPTHWISE_IMPL); same outputs and gradients
+  as XLA's grouped convolution, with and without bias, any kernel size and padding."""
+  c = shape[-1]
+  for bias in (True, False):
+    conv = shunted._conv(c, c, kernel, 1, pad, groups=c, use_bias=bias, rngs=nnx.Rngs(0))
+    assert isinstance(conv, shunted.DepthwiseConv) and isinstance(conv, nnx.Conv)   # interop sees an nnx.Conv
+    if bias:
+      conv.bias.set_value(jax.random.normal(jax.random.key(2), (c,)))
+    graphdef, params = nnx.split(conv)
+    x = jax.random.normal(jax.random.key(1), shape)
+
+    def run(impl):
+      monkeypatch.setitem(shunted.DEPTHWISE_IMPL, jax.default_backend(), impl)
+      f = lambda p, x: nnx.merge(graphdef, p)(x)
+      out = jax.jit(f)(params, x)
+      grads = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(f(p, x))), argnums=(0, 1)))(params, x)
+      return out, grads
+
+    (out_s, g_s), (out_c, g_c) = run("shifted"), run("conv")
+    assert out_s.shape == out_c.shape == (shape[0], shape[1] + 2 * pad - kernel + 1,
+                                          shape[2] + 2 * pad - kernel + 1, c)
+    np.testing.assert_allclose(out_s, out_c, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_c)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_only_stride1_depthwise_convs_take_the_shifted_form():
+  model = nnx.eval_shape(lambda: create_model("shunted_t", **TINY))
+  kinds = {"/".join(map(str, p)): type(m).__name__ for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)}
+  depthwise = {p for p, k in kinds.items() if k == "DepthwiseConv"}
+  assert depthwise and all(p.endswith(("local_conv1", "local_conv2", "local_conv", "dwconv/dwconv"))
+                           for p in depthwise)
+  assert all(k == "Conv" for p, k in kinds.items() if p not in depthwise)
+  assert any(p.endswith("sr1") for p in kinds)
