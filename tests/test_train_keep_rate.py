@@ -88,7 +88,7 @@ def test_schedule_compiles_one_program_per_keep_rate_and_resumes_exactly(folder,
   for r in (0.5, 0.75, 1.0):
     md = setup.model_def.with_keep_rate(r)
     model = nnx.merge(md.graphdef_train, md.params_tmpl, md.rng_tmpl, md.stats_tmpl)
-    assert [b.keep_rate for b in model.blocks] == [1.0, r, 1.0]
+    assert [b.keep_rate for b in model.block_list()] == [1.0, r, 1.0]
     fwd_flops[r] = cost.xla_flops(model, (8, 16, 16, 3))
   assert fwd_flops[0.5] < fwd_flops[0.75] < fwd_flops[1.0]
 

@@ -49,11 +49,14 @@ def test_every_config_validates():
 
 def test_weight_decay_mask_and_schedule():
   md = state_lib.ModelDef.create("deit_small_patch16_224", **TINY)
-  mask = optim.decay_mask(md.abstract_params())
-  assert mask["blocks"][0]["attn"]["qkv"]["kernel"] is True
-  assert mask["blocks"][0]["attn"]["qkv"]["bias"] is False
-  assert mask["blocks"][0]["norm1"]["scale"] is False
-  assert mask["pos_embed"] is False and mask["cls_token"] is False
+  assert md.param_layout == "stacked"
+  for layout in ("stacked", "per_block"):     # the stacked layout judges a leaf by one block's rank
+    mask = optim.decay_mask(md.abstract_params() if layout == "stacked" else md.per_block(md.abstract_params()))
+    blk = mask["block_stacks"][0] if layout == "stacked" else mask["blocks"][0]
+    assert blk["attn"]["qkv"]["kernel"] is True
+    assert blk["attn"]["qkv"]["bias"] is False
+    assert blk["norm1"]["scale"] is False
+    assert mask["pos_embed"] is False and mask["cls_token"] is False
   c = C.base_config()
   c.batch_size = 1024
   sched = optim.schedule(c, total_updates=100, steps_per_epoch=10)
@@ -99,15 +102,17 @@ def test_data_parallel_and_fsdp_match_one_device(tmp_path):
   np.testing.assert_allclose(l8, l1, rtol=2e-5)
   np.testing.assert_allclose(lf, l1, rtol=2e-5)
   assert l1[0] != l1[-1]
-  qkv = sf["params"]["blocks"][0]["attn"]["qkv"]["kernel"]
-  assert qkv.sharding.spec == jax.P(None, "fsdp")            # (32, 96): largest divisible axis
-  assert sf["opt_state"][1][0].mu["blocks"][0]["attn"]["qkv"]["kernel"].sharding.spec == jax.P(None, "fsdp")
+  qkv = sf["params"]["block_stacks"][0]["attn"]["qkv"]["kernel"]
+  assert qkv.sharding.spec == jax.P(None, None, "fsdp")            # (2, 32, 96): largest divisible axis
+  assert sf["opt_state"][1][0].mu["block_stacks"][0]["attn"]["qkv"]["kernel"].sharding.spec == \
+      jax.P(None, None, "fsdp")
   for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(sf["params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
   # A checkpoint saved on the FSDP (4, 2) mesh restores on a replicated (8, 1) mesh and on one device.
   mngr = ckpt.manager(str(tmp_path))
-  ckpt.save(mngr, 3, sf, {"model_name": md.name, "model_kwargs": md.kwargs, "has_ema": True}, force=True)
+  ckpt.save(mngr, 3, sf, {"model_name": md.name, "model_kwargs": md.kwargs, "has_ema": True,
+                          "param_layout": md.param_layout}, force=True)
   mngr.wait_until_finished()
   for mesh, strategy in ((S.make_mesh(8, 1), "replicated"), (S.make_mesh(1, 1, devices=devs[:1]), "replicated")):
     c.sharding.strategy = strategy
@@ -115,7 +120,7 @@ def test_data_parallel_and_fsdp_match_one_device(tmp_path):
     restored = ckpt.restore(mngr, 3, ckpt.abstract_like(sf, sh2))
     for a, b in zip(jax.tree.leaves(sf), jax.tree.leaves(restored)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert restored["params"]["blocks"][0]["attn"]["qkv"]["kernel"].sharding.spec == jax.P()
+    assert restored["params"]["block_stacks"][0]["attn"]["qkv"]["kernel"].sharding.spec == jax.P()
   mngr.close()
   model = ckpt.load_model(str(tmp_path), ema=True)
   out = model(jnp.zeros((2, 16, 16, 3)))

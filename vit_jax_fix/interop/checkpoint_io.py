@@ -302,8 +302,9 @@ def save_trainer_checkpoint(model, out_dir: str, *, name: str, overrides: dict |
   from vit_jax_fix.interop.timm_models import full_kwargs
   from vit_jax_fix.models.registry import get_spec
   from vit_jax_fix.train import checkpoint as ckpt
-  overrides = _jsonable(dict(overrides or {}))
-  _, params, _, stats = nnx.split(model, nnx.Param, nnx.RngState, ...)
+  from vit_jax_fix.models.vit import with_param_layout
+  overrides = _jsonable({k: v for k, v in dict(overrides or {}).items() if k != "param_layout"})
+  _, params, _, stats = nnx.split(with_param_layout(model, "per_block"), nnx.Param, nnx.RngState, ...)
   to_np = lambda t: jax.tree.map(np.asarray, nnx.to_pure_dict(t))
   state = {"params": to_np(params), "batch_stats": to_np(stats)}
   kw = full_kwargs(name, **overrides)

@@ -11,6 +11,8 @@ def xla_flops(model: nnx.Module, input_shape: tuple) -> float:
   multiply-add of the program, softmax, norms and GELU included). Works on abstract (`nnx.eval_shape`)
   models. XLA counts the body of a loop once, so blocks that run under `jax.lax.scan` are unrolled for
   the count."""
+  from vit_jax_fix.models.vit import with_param_layout
+  model = with_param_layout(model, "per_block")
   scanned = bool(getattr(model, "scan_blocks", False))
   if scanned:
     model.scan_blocks = False

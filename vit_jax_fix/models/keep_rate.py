@@ -84,7 +84,8 @@ def keep_rate_at(step: int, *, base_keep_rate: float, start_step: int = 0, ramp_
 # --- changing a built model's keep rate
 
 def _blocks(model) -> Sequence[Any]:
-  blocks = getattr(model, "blocks", None)
+  """Per block, the module whose `keep_rate` governs it (with param_layout='stacked', its segment's stack)."""
+  blocks = model.block_list() if hasattr(model, "block_list") else None
   if blocks is None or not all(hasattr(b, "keep_rate") for b in blocks):
     raise TypeError(f"{type(model).__name__} has no EViT-capable blocks (a VisionTransformer is needed)")
   return blocks
@@ -128,6 +129,12 @@ def set_keep_rate(model, rate: float | None, *, blocks: Sequence[int] | None = N
                      "pass blocks=(3, 6, 9) or build it with keep_rate=..., keep_rate_blocks=...")
   if rate < 1.0 and getattr(model, "num_prefix_tokens", 1) == 0:
     raise ValueError("EViT needs a class token in the self-attention blocks (not available in CaiT)")
+  if rate < 1.0:
+    shared = [i for i in chosen if sum(b is all_blocks[i] for b in all_blocks) > 1]
+    if shared:
+      raise ValueError(f"blocks {shared} are stored stacked with their neighbours (param_layout='stacked'), so "
+                       f"they cannot reorganise tokens alone; build the model with keep_rate=..., "
+                       f"keep_rate_blocks={list(chosen)} (a rate of 1 there is allowed) or param_layout='per_block'")
   for i, blk in enumerate(all_blocks):
     blk.keep_rate = rate if i in chosen else 1.0
 

@@ -80,7 +80,9 @@ def _locate(path: str):
 
 
 def load_state_dicts(path: str, *, ema: bool = False):
-  """(meta, params, batch_stats) as host numpy nested dicts from a workdir or checkpoint path."""
+  """(meta, model_def, params, batch_stats) from a workdir or checkpoint path: params and batch_stats as
+  host numpy nested dicts in the per-block layout, whatever layout the checkpoint stores (meta
+  'param_layout'; checkpoints without it store blocks per block)."""
   import numpy as np
   workdir, step = _locate(path)
   mngr = manager(workdir, max_to_keep=None, read_only=True)
@@ -89,7 +91,8 @@ def load_state_dicts(path: str, *, ema: bool = False):
     raise FileNotFoundError(f"no checkpoint under {checkpoint_dir(workdir)!r}")
   meta = read_meta(mngr, step)
   from vit_jax_fix.train.state import ModelDef
-  model_def = ModelDef.create(meta["model_name"], **meta["model_kwargs"])
+  model_def = ModelDef.create(meta["model_name"], param_layout=meta.get("param_layout") or "per_block",
+                              **meta["model_kwargs"])
   rep = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   sds = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), t)
   trees = {"params": sds(model_def.abstract_params()), "batch_stats": sds(model_def.abstract_stats())}
@@ -102,7 +105,7 @@ def load_state_dicts(path: str, *, ema: bool = False):
       item=target, restore_args=restore_args, partial_restore=True)))["state"]
   out = out["ema"] if ema else out
   mngr.close()
-  to_np = lambda t: jax.tree.map(np.asarray, t)
+  to_np = lambda t: model_def.per_block(jax.tree.map(np.asarray, t))
   return meta, model_def, to_np(out["params"]), to_np(out["batch_stats"])
 
 
@@ -267,10 +270,17 @@ def restore_latest_good(workdir: str, make_manager, abstract_state, *, model: st
       lines = shape_mismatches(expected, found)
       if lines:
         mngr.close()
-        raise CheckpointMismatchError(format_mismatch(
-            f"checkpoint {step_dir}", lines, model,
-            "This workdir belongs to another model or shape: use a new --workdir, or set "
-            f"--config.init_from.path={workdir} to fine-tune from it (head re-initialised, pos_embed resized)."))
+        stacked = lambda table: any("/block_stacks/" in k for k in table)
+        if stacked(expected) != stacked(found):
+          layout = "stacked" if stacked(found) else "per_block"
+          hint = (f"The checkpoint stores the blocks in the other parameter layout ({layout!r}; checkpoints "
+                  f"written before the stacked layout store them per block): resume it with "
+                  f"--config.model.overrides.param_layout={layout}.")
+        else:
+          hint = ("This workdir belongs to another model or shape: use a new --workdir, or set "
+                  f"--config.init_from.path={workdir} to fine-tune from it (head re-initialised, pos_embed "
+                  "resized).")
+        raise CheckpointMismatchError(format_mismatch(f"checkpoint {step_dir}", lines, model, hint))
       try:
         return mngr, restore(mngr, step, abstract_state), step
       except Exception as e:  # noqa: BLE001 - any read failure means "this step is unusable"

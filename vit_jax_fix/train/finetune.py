@@ -44,7 +44,9 @@ def resize_pos_embed(pe: np.ndarray, target_shape, num_prefix: int) -> np.ndarra
 
 
 def _pure(model):
-  _, p, _, s = nnx.split(model, nnx.Param, nnx.RngState, ...)
+  """(params, batch_stats) of a model as numpy nested dicts, blocks per block."""
+  from vit_jax_fix.models.vit import with_param_layout
+  _, p, _, s = nnx.split(with_param_layout(model, "per_block"), nnx.Param, nnx.RngState, ...)
   return jax.tree.map(np.asarray, nnx.to_pure_dict(p)), jax.tree.map(np.asarray, nnx.to_pure_dict(s))
 
 
@@ -143,10 +145,11 @@ def load_pretrained(config, model_def, params, batch_stats):
   prefix = _num_prefix(resolved, params)
   reinit = config.init_from.reinit_head
   source = f"init_from.path={src_path!r}"
-  params = adapt(src_p, params, num_prefix=prefix, reinit_head=reinit, source=source)
-  batch_stats = adapt(src_s, batch_stats, num_prefix=prefix, reinit_head=reinit, what="batch_stats",
-                      source=source)
-  return params, batch_stats
+  # Sources come per block; fit them in that layout (mismatch messages name blocks/i/...), then restack.
+  params = adapt(src_p, model_def.per_block(params), num_prefix=prefix, reinit_head=reinit, source=source)
+  batch_stats = adapt(src_s, model_def.per_block(batch_stats), num_prefix=prefix, reinit_head=reinit,
+                      what="batch_stats", source=source)
+  return model_def.train_layout(params), model_def.train_layout(batch_stats)
 
 
 def _num_prefix(resolved: dict, params) -> int:

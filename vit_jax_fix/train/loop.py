@@ -164,6 +164,7 @@ class Setup:
 
   def meta(self) -> dict:
     return {"model_name": self.model_def.name, "model_kwargs": self.model_def.kwargs, "has_ema": self.ema,
+            "param_layout": self.model_def.param_layout,
             "num_classes": self.num_classes, "image_size": int(self.config.data.image_size),
             "preprocessing": self.model_defaults}
 

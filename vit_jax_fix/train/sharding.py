@@ -3,7 +3,9 @@
 Rules map a leaf's path (``blocks/3/attn/qkv/kernel``; optimizer moments carry the same names inside their
 paths) to 'fsdp' or 'replicated'; the first matching regex of ``config.sharding.rules`` wins, otherwise the
 strategy decides. 'fsdp' shards the largest axis divisible by the fsdp size (arrays smaller than
-``fsdp_min_size`` stay replicated). Data parallelism shards only the batch: dimension 0 over both axes.
+``fsdp_min_size`` stay replicated), never the leading block axis of stacked blocks (``block_stacks/...``:
+`jax.lax.scan` walks that axis, so each block's slice stays whole across the mesh's fsdp shards of its
+other axes). Data parallelism shards only the batch: dimension 0 over both axes.
 """
 from __future__ import annotations
 
@@ -42,10 +44,14 @@ def path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def fsdp_spec(shape, fsdp_size: int, min_size: int) -> jax.P:
+STACKED = re.compile(r"(^|/)block_stacks/")
+
+
+def fsdp_spec(shape, fsdp_size: int, min_size: int, *, first_axis: int = 0) -> jax.P:
+  """Shard the largest axis (from `first_axis` on) divisible by fsdp_size over 'fsdp'."""
   if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
     return jax.P()
-  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+  for axis in sorted(range(first_axis, len(shape)), key=lambda a: -shape[a]):
     if shape[axis] % fsdp_size == 0:
       spec = [None] * len(shape)
       spec[axis] = "fsdp"
@@ -69,7 +75,9 @@ def partition_specs(tree, *, strategy: str = "replicated", fsdp_size: int = 1, m
       if pat.search(name):
         how = action
         break
-    return fsdp_spec(shape, fsdp_size, min_size) if how == "fsdp" else jax.P()
+    if how != "fsdp":
+      return jax.P()
+    return fsdp_spec(shape, fsdp_size, min_size, first_axis=1 if STACKED.search(name) else 0)
   return jax.tree.map_with_path(spec, tree)
 
 

@@ -6,7 +6,10 @@ converts between nnx States and plain nested dicts. The train state is a dict::
     step           int32   micro-steps done (= optimizer updates x grad_accum_steps)
     data_position  int32   train batches consumed: the input iterator restarts here (start_step)
     rng            uint32[2]  base key; step k uses fold_in(rng, k) for mixup and dropout / drop-path
-    params         nnx.Param leaves as a nested dict
+    params         nnx.Param leaves as a nested dict, blocks in ``ModelDef.param_layout``: 'stacked' (the
+                   default where the model has the option) keeps each scan segment's blocks as one leaf per
+                   parameter name with a leading axis ('block_stacks/j/...'); ``ModelDef.model`` and
+                   ``per_block`` give the per-block layout ('blocks/i/...') that interop reads
     batch_stats    every model variable that is neither a Param nor RNG state (BatchNorm statistics)
     opt_state      optax state
     ema            {'params', 'batch_stats'} or None when ema.decay == 0
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vit_jax_fix.models import registry
+from vit_jax_fix.models import registry, vit
 
 
 
@@ -41,9 +44,18 @@ def _copy(state):
   return jax.tree.map(lambda x: x, state)
 
 
+def has_param_layout(name: str) -> bool:
+  """Whether the model family has the `param_layout` option (the ViT backbone; not Shunted)."""
+  return "param_layout" in registry.valid_overrides(registry.get_spec(name).builder)
+
+
 @dataclasses.dataclass
 class ModelDef:
-  """Static description of a model: graphdefs and abstract states, no arrays."""
+  """Static description of a model: graphdefs and abstract states, no arrays.
+
+  `kwargs` are the user's constructor overrides; `param_layout` is how the train state stores the blocks
+  ('stacked' unless the overrides say otherwise or blocks are not scanned; None for families without the
+  option), recorded in checkpoint metadata next to the kwargs."""
   name: str
   kwargs: dict
   graphdef_train: Any
@@ -51,15 +63,36 @@ class ModelDef:
   params_tmpl: Any        # abstract nnx.State templates
   stats_tmpl: Any
   rng_tmpl: Any
+  param_layout: str | None = None
+  stack_sizes: tuple = ()
 
   @classmethod
-  def create(cls, name: str, **kwargs) -> "ModelDef":
-    abstract = nnx.eval_shape(lambda: registry.create_model(name, **kwargs))
+  def create(cls, name: str, *, param_layout: str | None = None, **kwargs) -> "ModelDef":
+    """param_layout: None picks 'stacked' where possible; kwargs['param_layout'] (a model override) wins."""
+    build = dict(kwargs)
+    if has_param_layout(name):
+      layout = build.get("param_layout") or param_layout or (
+          "stacked" if build.get("scan_blocks", True) else "per_block")
+      build["param_layout"] = layout
+    else:
+      layout = None
+    abstract = nnx.eval_shape(lambda: registry.create_model(name, **build))
     abstract.train()
     g_train, p, r, s = nnx.split(abstract, nnx.Param, nnx.RngState, ...)
     abstract.eval()
     g_eval = nnx.split(abstract, nnx.Param, nnx.RngState, ...)[0]
-    return cls(name, dict(kwargs), g_train, g_eval, p, s, r)
+    return cls(name, dict(kwargs), g_train, g_eval, p, s, r, layout, tuple(getattr(abstract, "stack_sizes", ())))
+
+  def _build_kwargs(self) -> dict:
+    return dict(self.kwargs, param_layout=self.param_layout) if self.param_layout else dict(self.kwargs)
+
+  def per_block(self, tree: dict) -> dict:
+    """A params / batch_stats nested dict in the per-block layout (unchanged if it already is)."""
+    return vit.unstack_block_tree(tree, self.stack_sizes) if self.param_layout == "stacked" else tree
+
+  def train_layout(self, tree: dict) -> dict:
+    """A params / batch_stats nested dict (either layout) in this ModelDef's layout."""
+    return vit.stack_block_tree(tree, self.stack_sizes) if self.param_layout == "stacked" else tree
 
   def with_keep_rate(self, rate: float) -> "ModelDef":
     """The same model whose train graphdef runs EViT at keep rate `rate` in its reorganising blocks (the
@@ -88,7 +121,7 @@ class ModelDef:
 
   def init(self, seed: int):
     """(params, batch_stats) as nested dicts, freshly initialised (call under jax.jit)."""
-    model = registry.create_model(self.name, seed=seed, **self.kwargs)
+    model = registry.create_model(self.name, seed=seed, **self._build_kwargs())
     _, p, _, s = nnx.split(model, nnx.Param, nnx.RngState, ...)
     return nnx.to_pure_dict(p), nnx.to_pure_dict(s)
 
@@ -99,17 +132,20 @@ class ModelDef:
     nnx.replace_by_pure_dict(s, batch_stats)
     model = nnx.merge(self.graphdef_train if train else self.graphdef_eval, p, r, s)
     if jax.tree.leaves(r):
-      nnx.reseed(model, dropout=dropout_key if dropout_key is not None else jax.random.key(0))
+      # 'match_shape': a stacked block's streams carry one key per block (split from the drawn key).
+      nnx.reseed(model, dropout=dropout_key if dropout_key is not None else jax.random.key(0),
+                 policy="match_shape")
     return model
 
   def stats_of(self, model):
     return nnx.to_pure_dict(nnx.split(model, nnx.Param, nnx.RngState, ...)[3])
 
   def model(self, params, batch_stats, *, train: bool = False):
-    """A concrete nnx model outside jit (for diagnostics, export, notebooks)."""
-    m = self.merge(params, batch_stats, train=train)
+    """A concrete nnx model outside jit (for diagnostics, export, notebooks), in the per-block layout;
+    params and batch_stats may come in either layout."""
+    m = self.merge(self.train_layout(params), self.train_layout(batch_stats), train=train)
     m.train() if train else m.eval()
-    return m
+    return vit.with_param_layout(m, "per_block")
 
 
 def init_train_state(model_def: ModelDef, tx, seed: int, ema: bool):
