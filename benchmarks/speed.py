@@ -166,7 +166,8 @@ def jax_worker(job: dict) -> dict:
     out["layout"] = layout
   if job.get("ref_fp32"):
     # bf16 row: logits of the fp32 model with the same weights.
-    fp32 = vit_jax_fix.create_model(name, **{k: v for k, v in ov.items() if k != "dtype"})
+    fp32 = with_param_layout(vit_jax_fix.create_model(name, **{k: v for k, v in ov.items() if k != "dtype"}),
+                             "stacked")
     fp32.eval()
     nnx.update(fp32, nnx.state(model))
     l32 = fp32(x)
