@@ -45,12 +45,16 @@ NAME = "deit_small_patch16_224"
 LAYOUTS = ("per_block", "stacked")
 
 
-def build(layout: str, depth: int, img: int, num_classes: int = 1000):
-  """(jitted train step, fresh train state) as the trainer makes them (single device, DeiT recipe)."""
+def build(layout: str | None, depth: int | None, img: int, num_classes: int = 1000, name: str = NAME,
+          **overrides):
+  """(jitted train step, fresh train state) as the trainer makes them (single device, DeiT recipe).
+  layout None: the trainer's default for `name`; depth None: the registered depth."""
   config = config_lib.base_config()
   config.optimizer.clip_grad_norm = 1.0
-  model_def = state_lib.ModelDef.create(NAME, param_layout=layout, depth=depth, img_size=img,
-                                        num_classes=num_classes)
+  if depth is not None:
+    overrides["depth"] = depth
+  model_def = state_lib.ModelDef.create(name, param_layout=layout, img_size=img, num_classes=num_classes,
+                                        **overrides)
   tx, lr = optim.make_optimizer(config, model_def.abstract_params(), 1000, 100)
   state = jax.jit(lambda: state_lib.init_train_state(model_def, tx, 0, ema=True))()
   mix = dict(num_classes=num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0,

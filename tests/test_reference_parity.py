@@ -1,7 +1,8 @@
 """Parity with independent PyTorch references (benchmarks/torch_reference.py, written from the math in
 ../shared/reference) in cases the golden files of ../shared/golden do not have: other keep rates and block
 positions, non-square images, the EViT no-op, EViT on other backbones (EViT), and non-square and odd input
-sizes, other depths/widths/stems and larger batches (Shunted).
+sizes, other depths/widths/stems and larger batches (Shunted), and DeepViT in train mode (batch statistics,
+running statistics, gradients).
 
 Each reference is first checked against the golden files (official code), then our JAX model with random
 weights is exported with `to_torch_state_dict(model, layout='official')`, loaded strict into the reference, and
@@ -242,3 +243,39 @@ def test_shunted_matches_reference(case):
     assert sorted(inter["stage_tokens"]) == sorted(ref_blocks)
     for key, value in ref_blocks.items():
       check_block(inter["stage_tokens"][key], value, f"{what} {key}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DeepViT in train mode: re-attention's BatchNorm normalises with batch statistics and updates its running
+# statistics, and the head mixing (a 1x1 conv in the official code, a batched matmul here) must have the
+# same gradients. The golden files only hold eval-mode outputs.
+
+
+def test_deepvit_train_mode_matches_reference():
+  kw = dict(TINY_VIT, img_size=32, patch_size=8, drop_path_rate=0.0)
+  model = numpy_init(nnx.eval_shape(lambda: create_model("deepvit_patch16_224_re_attn_16b", **kw)), seed=3)
+  ref = torch_model(reference_for("deepvit_patch16_224_re_attn_16b", **kw), model).train()
+  x = images((3, 32, 32, 3), 4)
+  weights = np.random.default_rng(5).standard_normal((3, kw["num_classes"])).astype(np.float32)
+
+  def loss(model, x):
+    return jax.numpy.sum(model(x) * weights), model(x)
+
+  model.train()
+  with jax.default_matmul_precision("highest"):
+    (_, logits), (grads, dx) = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))(model, x)
+  # value_and_grad ran the model twice (loss and aux): the running statistics moved twice, as in torch below.
+  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).requires_grad_(True)
+  ref(xt)
+  ref_logits = ref(xt)
+  (ref_logits * torch.from_numpy(weights)).sum().backward()
+  check_logits(np.asarray(logits), ref_logits.detach().numpy(), "deepvit train mode")
+  check_block(np.asarray(dx).transpose(0, 3, 1, 2), xt.grad.numpy(), "d loss / d image")
+  for i, blk in enumerate(ref.blocks):
+    ours = model.blocks[i].attn
+    check_block(ours.var_norm.mean[...], blk.attn.var_norm.running_mean.numpy(), f"block {i} BN running mean")
+    check_block(ours.var_norm.var[...], blk.attn.var_norm.running_var.numpy(), f"block {i} BN running var")
+    g = np.asarray(grads.blocks[i].attn.reatten_matrix.kernel[...])[0, 0].T         # (out, in)
+    check_block(g, blk.attn.reatten_matrix.weight.grad.numpy()[:, :, 0, 0], f"block {i} d loss / d reatten W")
+    check_block(np.asarray(grads.blocks[i].attn.var_norm.scale[...]), blk.attn.var_norm.weight.grad.numpy(),
+                f"block {i} d loss / d BN scale")
