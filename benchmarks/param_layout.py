@@ -45,14 +45,11 @@ NAME = "deit_small_patch16_224"
 LAYOUTS = ("per_block", "stacked")
 
 
-def build(layout: str | None, depth: int | None, img: int, num_classes: int = 1000, name: str = NAME,
-          **overrides):
+def build(layout: str | None, img: int, num_classes: int = 1000, name: str = NAME, **overrides):
   """(jitted train step, fresh train state) as the trainer makes them (single device, DeiT recipe).
-  layout None: the trainer's default for `name`; depth None: the registered depth."""
+  layout None: the trainer's default for `name`; overrides: model overrides (e.g. depth)."""
   config = config_lib.base_config()
   config.optimizer.clip_grad_norm = 1.0
-  if depth is not None:
-    overrides["depth"] = depth
   model_def = state_lib.ModelDef.create(name, param_layout=layout, img_size=img, num_classes=num_classes,
                                         **overrides)
   tx, lr = optim.make_optimizer(config, model_def.abstract_params(), 1000, 100)
@@ -75,7 +72,7 @@ def compile_seconds(layout: str, depth: int, img: int, batch: int) -> float:
   jax.config.update("jax_enable_compilation_cache", False)
   for warm_up in (True, False):
     d, size = (1, 32) if warm_up else (depth, img)
-    step, state = build(layout, d, size)
+    step, state = build(layout, size, depth=d)
     example = random_batch(batch, size)
     t = time.perf_counter()
     step.lower(state, example).compile()
@@ -117,7 +114,7 @@ def main():
             flush=True)
   runners = {}
   for depth, layout in variants:
-    step, state = build(layout, depth, args.img)
+    step, state = build(layout, args.img, depth=depth)
     compiled = step.lower(state, batch).compile()
     state, _ = compiled(state, batch)                                  # warm-up step
     jax.block_until_ready(state)

@@ -1,7 +1,9 @@
 """Where the time of one train step goes: the trainer's step under `jax.profiler`, summed per XLA kernel.
 
     python benchmarks/profile_step.py --model deepvit_patch16_224_re_attn_16b
-    python benchmarks/profile_step.py --model deit_small_patch16_shrink_base --set keep_rate=0.7 --out benchmarks/results/profile_evit
+    python benchmarks/profile_step.py --model deit_small_patch16_shrink_base:keep_rate=0.7 --out benchmarks/results/profile_evit07
+
+--model takes the diagnostics CLI's spec, `name[:key=value,...]` (values are Python literals).
 
 The step is `param_layout.build`'s (the trainer's: mixup, cross-entropy, grad, clipping, AdamW, EMA; batch 8,
 224 px by default). Each executed XLA kernel (thunk) of the traced steps is attributed to the JAX operation
@@ -13,7 +15,6 @@ primitive within each pass. Times are wall time of the kernels on the executing 
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import glob
 import json
@@ -24,11 +25,10 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import param_layout  # noqa: E402  (the trainer's step, as main.py builds it)
+from vit_jax_fix.diagnose import parse_model_spec  # noqa: E402
 
 CONTROL_FLOW = ("while", "conditional", "call")
 _OP_NAME = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"')
@@ -47,7 +47,7 @@ def op_names(hlo_text: str) -> dict[str, str]:
 def phase(op_name: str) -> str:
   if "transpose(jvp(" in op_name:
     return "backward"
-  if "jvp(" in op_name or "/forward" in op_name:
+  if "jvp(" in op_name:
     return "forward"
   return "other (optimizer, EMA, mixup, loss)"
 
@@ -78,25 +78,15 @@ def kernel_times(trace_dir: str, module: str) -> dict[str, float]:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--model", default=param_layout.NAME)
-  ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model overrides (Python literals)")
+  ap.add_argument("--model", default=param_layout.NAME, help="name[:key=value,...] (model overrides)")
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--img", type=int, default=224)
   ap.add_argument("--steps", type=int, default=3, help="traced steps (after one warm-up step)")
   ap.add_argument("--top", type=int, default=20, help="rows of the per-kernel table")
   ap.add_argument("--out", default=None, help="write OUT.md and OUT.json")
   args = ap.parse_args()
-  overrides = {}
-  for item in args.set:
-    key, sep, value = item.partition("=")
-    if not sep:
-      ap.error(f"--set takes KEY=VALUE, got {item!r}")
-    try:
-      overrides[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      overrides[key] = value
-  build_kwargs = dict(overrides)
-  step, state = param_layout.build(None, build_kwargs.pop("depth", None), args.img, name=args.model, **build_kwargs)
+  name, overrides = parse_model_spec(args.model)
+  step, state = param_layout.build(None, args.img, name=name, **overrides)
   batch = param_layout.random_batch(args.batch, args.img)
   compiled = step.lower(state, batch).compile()
   names = op_names(compiled.as_text())
@@ -116,12 +106,12 @@ def main():
   by_phase: dict[str, float] = collections.defaultdict(float)
   by_prim: dict[tuple[str, str], float] = collections.defaultdict(float)
   for kernel, seconds in per_kernel.items():
-    name = names.get(kernel, "")
-    by_phase[phase(name)] += seconds
-    by_prim[(phase(name), primitive(name))] += seconds
+    op_name = names.get(kernel, "")
+    by_phase[phase(op_name)] += seconds
+    by_prim[(phase(op_name), primitive(op_name))] += seconds
   rows = sorted(per_kernel.items(), key=lambda kv: -kv[1])
   ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
-  lines = [f"Train step of `{args.model}` {overrides or ''} (trainer's step: mixup, grad, clipping, AdamW, "
+  lines = [f"Train step of `{name}` {overrides or ''} (trainer's step: mixup, grad, clipping, AdamW, "
            f"EMA), batch {args.batch}, {args.img} px, {jax.default_backend()}, jax {jax.__version__}: "
            f"{ms(step_s)} ms per step (traced), kernels {ms(kernel_s)} ms.", "",
            "| pass | ms / step | share of kernel time |", "|---|---:|---:|"]
@@ -136,7 +126,7 @@ def main():
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out + ".md").write_text(text + "\n")
     pathlib.Path(args.out + ".json").write_text(json.dumps(dict(
-        model=args.model, overrides=overrides, batch=args.batch, img=args.img, step_s=step_s,
+        model=name, overrides=overrides, batch=args.batch, img=args.img, step_s=step_s,
         kernel_s=kernel_s, by_phase=by_phase, kernels={k: [s, names.get(k, "")] for k, s in rows}), indent=1))
 
 

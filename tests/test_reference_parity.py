@@ -247,8 +247,8 @@ def test_shunted_matches_reference(case):
 
 # ---------------------------------------------------------------------------------------------------------
 # DeepViT in train mode: re-attention's BatchNorm normalises with batch statistics and updates its running
-# statistics, and the head mixing (a 1x1 conv in the official code, a batched matmul here) must have the
-# same gradients. The golden files only hold eval-mode outputs.
+# statistics, and the head mixing (a 1x1 conv in the official code; here a conv forward with hand-written
+# batched-matmul gradients, `attention.mix_heads_1x1`) must have the same gradients. The golden files only hold eval-mode outputs.
 
 
 def test_deepvit_train_mode_matches_reference():
