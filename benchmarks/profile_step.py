@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py --model deepvit_patch16_224_re_attn_16b
     python benchmarks/profile_step.py --model deit_small_patch16_shrink_base:keep_rate=0.7 --out benchmarks/results/profile_evit07
+    python benchmarks/profile_step.py --model shunted_t --forward     # the inference forward pass instead
 
 --model takes the diagnostics CLI's spec, `name[:key=value,...]` (values are Python literals).
 
@@ -11,6 +12,7 @@ that produced it (its `op_name` metadata in the optimized HLO; control-flow thun
 loop are left out, as their time is that of the kernels they run), then summed three ways: per kernel, per
 pass (forward, backward = `transpose(jvp(...))`, everything else: optimizer, EMA, mixup), and per
 primitive within each pass. Times are wall time of the kernels on the executing thread, per step.
+`--forward` profiles the inference forward pass instead (eval mode, parameters in the trainer's layout).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import jax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import param_layout  # noqa: E402  (the trainer's step, as main.py builds it)
 from vit_jax_fix.diagnose import parse_model_spec  # noqa: E402
+from vit_jax_fix.train import state as state_lib  # noqa: E402
 
 CONTROL_FLOW = ("while", "conditional", "call")
 _OP_NAME = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"')
@@ -47,7 +50,7 @@ def op_names(hlo_text: str) -> dict[str, str]:
 def phase(op_name: str) -> str:
   if "transpose(jvp(" in op_name:
     return "backward"
-  if "jvp(" in op_name:
+  if "jvp(" in op_name or op_name.startswith("jit(forward)"):
     return "forward"
   return "other (optimizer, EMA, mixup, loss)"
 
@@ -76,6 +79,18 @@ def kernel_times(trace_dir: str, module: str) -> dict[str, float]:
   return totals
 
 
+def forward_fn(name: str, img: int, overrides: dict):
+  """jit(forward)(state, batch) -> (state, logits): the model of a train state in eval mode, shaped like the
+  train step so that one loop profiles either."""
+  model_def = state_lib.ModelDef.create(name, img_size=img, num_classes=1000, **overrides)
+
+  def forward(state, batch):
+    model = model_def.merge(state["params"], state["batch_stats"], train=False)
+    return state, model(batch["image"])
+
+  return jax.jit(forward)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--model", default=param_layout.NAME, help="name[:key=value,...] (model overrides)")
@@ -83,25 +98,34 @@ def main():
   ap.add_argument("--img", type=int, default=224)
   ap.add_argument("--steps", type=int, default=3, help="traced steps (after one warm-up step)")
   ap.add_argument("--top", type=int, default=20, help="rows of the per-kernel table")
+  ap.add_argument("--forward", action="store_true", help="profile the inference forward pass, not a train step")
   ap.add_argument("--out", default=None, help="write OUT.md and OUT.json")
   args = ap.parse_args()
   name, overrides = parse_model_spec(args.model)
   step, state = param_layout.build(None, args.img, name=name, **overrides)
   batch = param_layout.random_batch(args.batch, args.img)
-  compiled = step.lower(state, batch).compile()
+  if args.forward:
+    module, what, run = "jit_forward", "Inference forward", forward_fn(name, args.img, overrides)
+  else:
+    module, what, run = "jit_train_step", "Train step", step
+  compiled = run.lower(state, batch).compile()
   names = op_names(compiled.as_text())
-  state, metrics = compiled(state, batch)                              # warm-up
-  jax.block_until_ready(metrics)
+
+  def one_step(carry):
+    carry, out = compiled(carry, batch)
+    jax.block_until_ready(out)
+    return carry
+
+  carry = one_step(state)                                              # warm-up
   trace_dir = tempfile.mkdtemp(prefix="profile_step_")
   t = time.perf_counter()
   with jax.profiler.trace(trace_dir):
     for _ in range(args.steps):
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready(metrics)
+      carry = one_step(carry)
   step_s = (time.perf_counter() - t) / args.steps
-  per_kernel = {k: v / args.steps / 1e9 for k, v in kernel_times(trace_dir, "jit_train_step").items()}
+  per_kernel = {k: v / args.steps / 1e9 for k, v in kernel_times(trace_dir, module).items()}
   if not per_kernel:
-    raise RuntimeError("the trace holds no kernel of jit_train_step (profiler without XLA:CPU thunk events?)")
+    raise RuntimeError(f"the trace holds no kernel of {module} (profiler without XLA:CPU thunk events?)")
   kernel_s = sum(per_kernel.values())
   by_phase: dict[str, float] = collections.defaultdict(float)
   by_prim: dict[tuple[str, str], float] = collections.defaultdict(float)
@@ -111,8 +135,8 @@ def main():
     by_prim[(phase(op_name), primitive(op_name))] += seconds
   rows = sorted(per_kernel.items(), key=lambda kv: -kv[1])
   ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
-  lines = [f"Train step of `{name}` {overrides or ''} (trainer's step: mixup, grad, clipping, AdamW, "
-           f"EMA), batch {args.batch}, {args.img} px, {jax.default_backend()}, jax {jax.__version__}: "
+  kind = "eval mode" if args.forward else "trainer's step: mixup, grad, clipping, AdamW, EMA"
+  lines = [f"{what} of `{name}` {overrides or ''} ({kind}), batch {args.batch}, {args.img} px, {jax.default_backend()}, jax {jax.__version__}: "
            f"{ms(step_s)} ms per step (traced), kernels {ms(kernel_s)} ms.", "",
            "| pass | ms / step | share of kernel time |", "|---|---:|---:|"]
   lines += [f"| {p} | {ms(s)} | {100 * s / kernel_s:.0f}% |" for p, s in sorted(by_phase.items(), key=lambda kv: -kv[1])]
@@ -126,7 +150,7 @@ def main():
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out + ".md").write_text(text + "\n")
     pathlib.Path(args.out + ".json").write_text(json.dumps(dict(
-        model=name, overrides=overrides, batch=args.batch, img=args.img, step_s=step_s,
+        model=name, overrides=overrides, forward=args.forward, batch=args.batch, img=args.img, step_s=step_s,
         kernel_s=kernel_s, by_phase=by_phase, kernels={k: [s, names.get(k, "")] for k, s in rows}), indent=1))
 
 

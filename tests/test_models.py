@@ -133,6 +133,11 @@ def test_featscale_two_band_fft_equals_mean(double):
     m.lamb2.set_value(l2)
   a = jax.random.normal(jax.random.key(2), (2, 17, 16))
   np.testing.assert_allclose(fft(a), mean(a), rtol=1e-5, atol=1e-5)
+  # The default ('auto') takes the closed form of the two-band scaling: bit-identical to 'mean'.
+  auto = spectral.FeatScale(16, bands=2, double=double)
+  auto.lamb1.set_value(l1)
+  auto.lamb2.set_value(l2)
+  np.testing.assert_array_equal(auto(a), mean(a))
   # The official ViT form adds lamb1*DC + lamb2*HC twice.
   dc = a.mean(axis=1, keepdims=True)
   k = 2 if double else 1
@@ -150,6 +155,13 @@ def test_featscale_radial_bands_partition_the_spectrum():
   two.lamb2.set_value(l2)
   a = jax.random.normal(jax.random.key(0), (2, 1 + 16, 8))
   np.testing.assert_allclose(fs(a, grid=(4, 4), num_prefix=1), two(a), rtol=1e-5, atol=1e-5)
+  auto = spectral.FeatScale(8, bands=4)                    # the default: K > 2 bands need the 2-D FFT
+  auto.lamb1.set_value(l1)
+  auto.lamb2.set_value(jnp.stack([l2, -l2, 2 * l2]))
+  fs.lamb2.set_value(jnp.stack([l2, -l2, 2 * l2]))
+  np.testing.assert_allclose(auto(a, grid=(4, 4), num_prefix=1), fs(a, grid=(4, 4), num_prefix=1), atol=1e-6)
+  with pytest.raises(ValueError, match="feat_scale_impl='mean' computes only the two-band form"):
+    spectral.FeatScale(8, bands=4, impl="mean")
   # A constant patch map has no energy outside DC: band gains on the higher bands cannot change it.
   const = jnp.ones((1, 17, 8))
   fs.lamb1.set_value(jnp.zeros(8))

@@ -9,7 +9,10 @@ with m = 2 in the official ViT code (its "bugfix" commit adds the term twice; `d
 the official ViT names) and m = 1 in the CaiT code (`double=False`).
 
 `FeatScale(bands=2)` computes exactly this, by FFT (`impl='fft'`: scale bin 0 by lamb1 and every other bin
-by lamb2) or by the token mean (`impl='mean'`, bit-compatible with the official code).
+by lamb2) or by the token mean (`impl='mean'`, bit-compatible with the official code). The two are the same
+function: the DC band's projector is the token mean, so scaling bin 0 by g0 and the rest by g1 is
+g1 * a + (g0 - g1) * mean(a). `impl='auto'` (the default) therefore takes the mean for two bands: the FFT over
+197 tokens (a prime length) made a FeatScale-S forward 1.6x slower on CPU (benchmarks/README.md), for nothing.
 
 `bands=K > 2` is the generalisation over the 2-D patch grid: band 0 is still DC (mean over all tokens, prefix
 tokens included, as the official code does); the remainder R = a - DC of the patch tokens is split by the radial
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-FEATSCALE_IMPLS = ("fft", "mean")
+FEATSCALE_IMPLS = ("auto", "fft", "mean")
 
 
 def radial_band_index(h: int, w: int, num_bands: int) -> np.ndarray:
@@ -39,14 +42,17 @@ def radial_band_index(h: int, w: int, num_bands: int) -> np.ndarray:
 
 class FeatScale(nnx.Module):
 
-  def __init__(self, dim: int, *, bands: int = 2, double: bool = False, impl: str = "fft"):
+  def __init__(self, dim: int, *, bands: int = 2, double: bool = False, impl: str = "auto"):
     if bands < 2:
       raise ValueError(f"feat_scale_bands must be >= 2 (DC and the rest), got {bands}")
     if impl not in FEATSCALE_IMPLS:
       raise ValueError(f"feat_scale_impl must be one of {FEATSCALE_IMPLS}, got {impl!r}")
+    if impl == "mean" and bands > 2:
+      raise ValueError(f"feat_scale_impl='mean' computes only the two-band form; with feat_scale_bands={bands} "
+                       "use 'auto' or 'fft' (the radial bands need the 2-D FFT)")
     self.bands = bands
     self.multiplier = 2.0 if double else 1.0
-    self.impl = impl
+    self.impl = impl if impl != "auto" else ("mean" if bands == 2 else "fft")
     self.lamb1 = nnx.Param(jnp.zeros((dim,), jnp.float32))
     self.lamb2 = nnx.Param(jnp.zeros((dim,) if bands == 2 else (bands - 1, dim), jnp.float32))
 

@@ -53,7 +53,7 @@ class Block(nnx.Module):
                attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6,
                layer_scale: float | None = None, talking_heads: bool = False, attn_scale: bool = False,
                reattention: bool = False, reattention_scale: bool = False, feat_scale: str | None = None,
-               feat_scale_bands: int = 2, feat_scale_impl: str = "fft", aug_shortcut: str | None = None,
+               feat_scale_bands: int = 2, feat_scale_impl: str = "auto", aug_shortcut: str | None = None,
                num_cir: int = 4, circulant_impl: str = "auto", aug_paper_form: bool = False,
                scale_adjustment: float = 1.0, keep_rate: float = 1.0, fuse_token: bool = False,
                drop_path_active: bool | None = None, dtype=None, precision=None):
@@ -187,7 +187,7 @@ class VisionTransformer(nnx.Module):
                class_attn_depth: int = 0, class_attn_layer_scale: float | None = None, norm_eps: float = 1e-6,
                layer_scale: Any = None, talking_heads: Any = False, attn_scale: Any = False,
                reattention: Any = False, reattention_scale: bool = False, feat_scale: Any = None,
-               feat_scale_bands: int = 2, feat_scale_impl: str = "fft", aug_shortcut: Any = None,
+               feat_scale_bands: int = 2, feat_scale_impl: str = "auto", aug_shortcut: Any = None,
                num_cir: int = 4, circulant_impl: str = "auto", aug_paper_form: bool = False,
                scale_adjustment: float = 1.0, keep_rate: Any = 1.0, keep_rate_blocks: Sequence[int] | None = None,
                fuse_token: bool = False, scan_blocks: bool = True, remat: bool | str = "dots",
