@@ -2,9 +2,17 @@
 
 Overrides: --config.batch_size=256 --config.optimizer.lr=1e-3 ...  Multi-host: set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM / Open MPI) and start the same command on every host.
+On a CPU-only install it first restarts itself with huge-page malloc (vit_jax_fix/hostmem.py; faster steps).
 """
-from absl import app, flags, logging
-from ml_collections import config_flags
+import sys
+
+from vit_jax_fix import hostmem
+
+if __name__ == "__main__":
+  hostmem.maybe_reexec_with_huge_pages(sys.argv)   # before JAX loads: glibc reads tunables at start-up
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).", lock_config=True)

@@ -33,9 +33,14 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from vit_jax_fix import hostmem
+
+if __name__ == "__main__":
+  hostmem.maybe_reexec_with_huge_pages(sys.argv)   # the trainer's conditions (as main.py)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from vit_jax_fix.train import config as config_lib  # noqa: E402

@@ -13,6 +13,8 @@ loop are left out, as their time is that of the kernels they run), then summed t
 pass (forward, backward = `transpose(jvp(...))`, everything else: optimizer, EMA, mixup), and per
 primitive within each pass. Times are wall time of the kernels on the executing thread, per step.
 `--forward` profiles the inference forward pass instead (eval mode, parameters in the trainer's layout).
+Like main.py, it restarts itself with huge-page malloc on a CPU-only install (vit_jax_fix/hostmem.py;
+VIT_JAX_FIX_HUGEPAGES=0 profiles glibc's default instead); the header line says which.
 """
 from __future__ import annotations
 
@@ -20,13 +22,19 @@ import argparse
 import collections
 import glob
 import json
+import os
 import pathlib
 import re
 import sys
 import tempfile
 import time
 
-import jax
+from vit_jax_fix import hostmem
+
+if __name__ == "__main__":
+  hostmem.maybe_reexec_with_huge_pages(sys.argv)   # profile the trainer's conditions
+
+import jax  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import param_layout  # noqa: E402  (the trainer's step, as main.py builds it)
@@ -137,7 +145,8 @@ def main():
   ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
   kind = "eval mode" if args.forward else "trainer's step: mixup, grad, clipping, AdamW, EMA"
   lines = [f"{what} of `{name}` {overrides or ''} ({kind}), batch {args.batch}, {args.img} px, {jax.default_backend()}, jax {jax.__version__}: "
-           f"{ms(step_s)} ms per step (traced), kernels {ms(kernel_s)} ms.", "",
+           f"{ms(step_s)} ms per step (traced), kernels {ms(kernel_s)} ms; GLIBC_TUNABLES="
+           f"{os.environ.get('GLIBC_TUNABLES') or '(unset)'}.", "",
            "| pass | ms / step | share of kernel time |", "|---|---:|---:|"]
   lines += [f"| {p} | {ms(s)} | {100 * s / kernel_s:.0f}% |" for p, s in sorted(by_phase.items(), key=lambda kv: -kv[1])]
   lines += ["", "| pass | primitive | ms / step |", "|---|---|---:|"]
@@ -150,7 +159,8 @@ def main():
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out + ".md").write_text(text + "\n")
     pathlib.Path(args.out + ".json").write_text(json.dumps(dict(
-        model=name, overrides=overrides, forward=args.forward, batch=args.batch, img=args.img, step_s=step_s,
+        model=name, overrides=overrides, forward=args.forward, glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
+        batch=args.batch, img=args.img, step_s=step_s,
         kernel_s=kernel_s, by_phase=by_phase, kernels={k: [s, names.get(k, "")] for k, s in rows}), indent=1))
 
 

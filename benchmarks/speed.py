@@ -21,6 +21,9 @@ Timings: warm-up, then the median of N iterations (seconds per batch -> images/s
 process's `resource.getrusage(RUSAGE_SELF).ru_maxrss` (JAX has no memory stats on CPU), reported as the
 peak minus the RSS right after the imports. MFU = XLA-counted FLOPs per image x images/s / GEMM rate
 of the same process (for torch: our XLA count of the same function, divided by torch's GEMM rate).
+Both workers run with huge-page malloc (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, as `main.py` does on a
+CPU-only install; `--malloc default` leaves the environment as it is); the page faults per train step are
+in the JSON.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from vit_jax_fix import hostmem
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEIT_S = "deit_small_patch16_224"
@@ -65,6 +70,11 @@ DEPTHS = (12, 24, 32)
 
 def rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def minor_faults() -> int:
+  """Page faults served without I/O so far: fresh memory touched for the first time (see hostmem.py)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def median_time(fn, warmup: int, iters: int) -> tuple[float, list[float]]:
@@ -213,8 +223,10 @@ def jax_worker(job: dict) -> dict:
     return loss
 
   loss0 = float(one())
+  faults = minor_faults()
   t_train, ts = median_time(one, job["train_warmup"], job["train_iters"])
-  out.update(train_s=t_train, train_times=ts, train_img_s=b / t_train, loss0=loss0)
+  out.update(train_s=t_train, train_times=ts, train_img_s=b / t_train, loss0=loss0,
+             train_faults_per_step=(minor_faults() - faults) / (job["train_warmup"] + job["train_iters"]))
   out["peak_rss_mb"] = rss_mb()
   out["gemm_flops_s"] = jax_gemm(job["gemm_n"])
   out["mfu_fwd"] = out["fwd_flops"] / b * out["fwd_img_s"] / out["gemm_flops_s"]
@@ -338,20 +350,28 @@ def torch_worker(job: dict) -> dict:
     return loss
 
   out["loss0"] = float(step())
+  faults = minor_faults()
   t_train, ts = median_time(step, job["train_warmup"], job["train_iters"])
-  out.update(train_s=t_train, train_times=ts, train_img_s=b / t_train)
+  out.update(train_s=t_train, train_times=ts, train_img_s=b / t_train,
+             train_faults_per_step=(minor_faults() - faults) / (job["train_warmup"] + job["train_iters"]))
   out["peak_rss_mb"] = rss_mb()
   out["gemm_flops_s"] = torch_gemm(torch, job["gemm_n"])
   return out
 
 
 # --------------------------------------------------------------------------------------------------- driver
+# How the workers' malloc gets memory (`--malloc`): both frameworks always run under the same setting.
+MALLOC = {"mode": "hugetlb"}
+
+
 def run_worker(kind: str, job: dict, timeout: float) -> dict:
   with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
     json.dump(job, f)
     path = f.name
   env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  if MALLOC["mode"] == "hugetlb":
+    env = hostmem.env_with_huge_pages(env)
   t0 = time.perf_counter()
   proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--job", path], capture_output=True,
                         text=True, timeout=timeout, env=env)
@@ -363,6 +383,11 @@ def run_worker(kind: str, job: dict, timeout: float) -> dict:
   res = json.loads(proc.stdout.strip().splitlines()[-1])
   res["wall_s"] = time.perf_counter() - t0
   return res
+
+
+def run_env_tunables() -> str:
+  env = hostmem.env_with_huge_pages() if MALLOC["mode"] == "hugetlb" else os.environ
+  return env.get("GLIBC_TUNABLES", "")
 
 
 def loadavg() -> list[float]:
@@ -382,6 +407,9 @@ def main():
   p.add_argument("--train-iters", type=int, default=None, help="timed train steps (default 5)")
   p.add_argument("--param-layout", default="stacked", choices=("stacked", "per_block"),
                  help="parameter layout of the 'compile' case (the trainer's is 'stacked')")
+  p.add_argument("--malloc", default="hugetlb", choices=("hugetlb", "default"),
+                 help="workers' glibc malloc: 'hugetlb' = GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as main.py "
+                      "runs on a CPU-only install (vit_jax_fix/hostmem.py); 'default' = as inherited")
   p.add_argument("--out", default="benchmarks/results/speed", help="output prefix (.md and .json)")
   p.add_argument("--worker", choices=("jax", "torch", "compile"), help=argparse.SUPPRESS)
   p.add_argument("--job", help=argparse.SUPPRESS)
@@ -392,6 +420,7 @@ def main():
     print(json.dumps(res))
     return
 
+  MALLOC["mode"] = args.malloc
   cases = args.models or (QUICK + ["compile"] if args.quick else FULL)
   unknown = [c for c in cases if c not in CASES and c != "compile"]
   if unknown:
@@ -404,6 +433,7 @@ def main():
   meta = dict(command=" ".join([os.path.basename(sys.executable), "benchmarks/speed.py"] + sys.argv[1:]),
               cpu_count=os.cpu_count(), platform=platform.platform(), processor=_cpu_name(), batch=batch,
               quick=args.quick, started=time.strftime("%Y-%m-%d %H:%M:%S"), loadavg_start=loadavg(),
+              malloc=args.malloc, glibc_tunables=run_env_tunables(), transparent_hugepage=hostmem.thp_mode(),
               versions=_versions(), **{k: common[k] for k in ("warmup", "iters", "train_warmup", "train_iters",
                                                                 "gemm_n")})
   print(f"load average at start: {meta['loadavg_start']}", flush=True)
@@ -541,7 +571,9 @@ def render(result) -> str:
        f"`{meta['command']}` — {meta['started']} to {meta['finished']}, {meta['processor']}, "
        f"{meta['cpu_count']} cores, batch {meta['batch']}, fp32 unless noted. **Load average** (1, 5, 15 min) "
        f"at start {meta['loadavg_start']}, at end {meta['loadavg_end']} (other jobs shared the machine; "
-       f"per-row load in the JSON).", "",
+       f"per-row load in the JSON). **malloc** (both frameworks): "
+       f"GLIBC_TUNABLES={meta.get('glibc_tunables') or '(unset)'}, transparent huge pages "
+       f"'{meta.get('transparent_hugepage', '?')}' (page faults per train step in the JSON).", "",
        f"Median of {meta['iters']} forward passes / {meta['train_iters']} train steps after warm-up. "
        "img/s: images per second; x: JAX / torch. Train step: AdamW + cross-entropy, fp32, same batch. "
        "Compile = jit lower + XLA compile (forward; train step). Peak RSS: process peak minus RSS after imports "

@@ -1,5 +1,11 @@
 """vit_jax_fix: deep vision transformers that fight feature collapse, in JAX/Flax NNX."""
-from vit_jax_fix.models.registry import create_model, list_models, model_defaults
-
 __all__ = ["create_model", "list_models", "model_defaults"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  # Lazy, so that `import vit_jax_fix.hostmem` (main.py's first step) does not load JAX.
+  if name in __all__:
+    from vit_jax_fix.models import registry
+    return getattr(registry, name)
+  raise AttributeError(f"module 'vit_jax_fix' has no attribute {name!r}")
