@@ -144,8 +144,8 @@ def main():
   rows = sorted(per_kernel.items(), key=lambda kv: -kv[1])
   ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
   kind = "eval mode" if args.forward else "trainer's step: mixup, grad, clipping, AdamW, EMA"
-  lines = [f"{what} of `{name}` {overrides or ''} ({kind}), batch {args.batch}, {args.img} px, {jax.default_backend()}, jax {jax.__version__}: "
-           f"{ms(step_s)} ms per step (traced), kernels {ms(kernel_s)} ms; GLIBC_TUNABLES="
+  lines = [f"{what} of `{name}` {overrides or ''} ({kind}), batch {args.batch}, {args.img} px, "
+           f"{jax.default_backend()}, jax {jax.__version__}: {ms(step_s)} ms per step (traced), kernels {ms(kernel_s)} ms; GLIBC_TUNABLES="
            f"{os.environ.get('GLIBC_TUNABLES') or '(unset)'}.", "",
            "| pass | ms / step | share of kernel time |", "|---|---:|---:|"]
   lines += [f"| {p} | {ms(s)} | {100 * s / kernel_s:.0f}% |" for p, s in sorted(by_phase.items(), key=lambda kv: -kv[1])]
