@@ -6,11 +6,17 @@
 One process, the variants compiled first, then timed INTERLEAVED (round r runs every variant once), so
 that load from other jobs hits all of them alike. Per call: wall time and process CPU time (on a shared
 machine the CPU time is the steadier measure of work); medians and minima are reported, with the load
-average. The result decides `vit_jax_fix.models.shortcuts.AUTO_IMPL` for the backend.
+average. Like main.py it runs under huge-page malloc on a CPU-only install (vit_jax_fix/hostmem.py). The
+result decides `vit_jax_fix.models.shortcuts.AUTO_IMPL` for the backend.
+
+A fourth variant, `augvit_paths`, is the AugViT block with each projection replaced by an element-wise
+scale (x * bias): what the official two-path form costs besides the projections (four erf-GELUs over D
+channels, the sums, the 3/4 rescale). It is the floor that no circulant form can go below.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -18,17 +24,39 @@ import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from vit_jax_fix.models import vit  # noqa: E402
+from vit_jax_fix import hostmem  # noqa: E402
+
+if __name__ == "__main__":
+  hostmem.maybe_reexec_with_huge_pages(sys.argv)   # measure under the trainer's malloc
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from vit_jax_fix.models import shortcuts, vit  # noqa: E402
+
+
+@contextlib.contextmanager
+def projections_as_scales():
+  """While tracing: every AugViT path projection p(x) becomes x * p.bias (same paths, no projection)."""
+  apply_group = shortcuts.apply_group
+  shortcuts.apply_group = lambda projs, x: [x * p.bias[...] for p in projs]
+  try:
+    yield
+  finally:
+    shortcuts.apply_group = apply_group
 
 
 def build(variant: str, x):
-  kw = {} if variant == "deit" else dict(aug_shortcut="circulant2", circulant_impl=variant.split("_")[1])
+  with projections_as_scales() if variant == "augvit_paths" else contextlib.nullcontext():
+    return _build(variant, x)
+
+
+def _build(variant: str, x):
+  impl = {"augvit_fft": "fft", "augvit_dense": "dense", "augvit_paths": "fft"}.get(variant)
+  kw = {} if variant == "deit" else dict(aug_shortcut="circulant2", circulant_impl=impl)
   blk = vit.Block(x.shape[-1], x.shape[-1] // 64, rngs=nnx.Rngs(0), **kw)
   graphdef, params, rest = nnx.split(blk, nnx.Param, ...)
 
@@ -50,7 +78,7 @@ def main():
   p.add_argument("--out", default=None, help="output prefix (.json and .md)")
   args = p.parse_args()
   x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, args.tokens, args.dim)), jnp.float32)
-  variants = ["deit", "augvit_fft", "augvit_dense"]
+  variants = ["deit", "augvit_fft", "augvit_dense", "augvit_paths"]
   fns, outs = {}, {}
   for v in variants:
     f, outs[v] = build(v, x)
@@ -67,14 +95,17 @@ def main():
       wall[k].append(time.perf_counter() - t0)
       cpu[k].append(time.process_time() - c0)
   res = dict(backend=jax.default_backend(), device=str(jax.devices()[0]), batch=args.batch, tokens=args.tokens,
-             dim=args.dim, rounds=args.rounds, loadavg_start=[round(v, 2) for v in load0],
+             dim=args.dim, rounds=args.rounds, glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+             loadavg_start=[round(v, 2) for v in load0],
              loadavg_end=[round(v, 2) for v in os.getloadavg()], fft_vs_dense_max_abs=diff,
              ms={k: dict(wall_median=1e3 * statistics.median(wall[k]), wall_min=1e3 * min(wall[k]),
                          cpu_median=1e3 * statistics.median(cpu[k]), cpu_min=1e3 * min(cpu[k])) for k in fns})
   lines = [f"# Circulant projection forms on {res['backend']} ({res['device']})", "",
            f"`python benchmarks/circulant_impl.py` — block input ({args.batch}, {args.tokens}, {args.dim}), "
            f"{args.rounds} interleaved rounds, load average {res['loadavg_start']} -> {res['loadavg_end']}; "
-           f"max |fft - dense| = {diff:.2e}.", "",
+           f"max |fft - dense| = {diff:.2e}; GLIBC_TUNABLES={res['glibc_tunables'] or '(unset)'}. "
+           "`augvit_paths`: the projections replaced by element-wise scales (the floor of any circulant form).",
+           "",
            "| variant | wall median ms | wall min ms | CPU median ms | CPU min ms | CPU median vs DeiT block |",
            "|---|---:|---:|---:|---:|---:|"]
   for k, m in res["ms"].items():

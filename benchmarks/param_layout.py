@@ -141,7 +141,7 @@ def main():
   load1 = os.getloadavg()[0]
   lines = [f"Trainer train step (mixup, cross-entropy, grad, clipping, AdamW, EMA), DeiT-S width, {args.img} px, "
            f"batch {args.batch}, fp32, {jax.default_backend()}, jax {jax.__version__}; load average {load0:.2f} "
-           f"at start, {load1:.2f} at end.", "",
+           f"at start, {load1:.2f} at end; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'}.", "",
            "| blocks | param_layout | parameter leaves | lower + compile (s, best of %d) | step (s, median of %d) |"
            % (args.compile_repeats, args.rounds), "|---:|---|---:|---:|---:|"]
   lines += [f"| {r['depth']} | {r['layout']} | {r['param_leaves']} | {r['compile_s']:.2f} | {r['step_s']:.3f} |"
@@ -157,6 +157,7 @@ def main():
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out + ".md").write_text(text + "\n")
     pathlib.Path(args.out + ".json").write_text(json.dumps(dict(rows=rows, load=[load0, load1], batch=args.batch,
+                                                                glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
                                                                 compile_repeats=args.compile_repeats,
                                                                 img=args.img, jax=jax.__version__), indent=1))
 
