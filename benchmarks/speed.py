@@ -617,6 +617,7 @@ def render(result) -> str:
              f"({100 * r['jax']['bf16_vs_fp32_rel']:.2g}% of the largest logit), top-1 agreement "
              f"{100 * r['jax']['bf16_top1_agree']:.0f}% (torch side: timm under torch.autocast bf16; its diff column "
              "compares torch bf16 to JAX bf16).")
+  L += ceiling_lines(rows)
   # specific comparisons
   by = {r["case"]: r["jax"] for r in rows if "error" not in r["jax"]}
   base = by.get("deit")
@@ -646,6 +647,32 @@ def render(result) -> str:
   elif comp:
     L.append(f"\ncompile worker error: {comp['error']}")
   return "\n".join(L) + "\n"
+
+
+def ceiling_lines(rows, fwd_target: float = 1.5, train_target: float = 1.3) -> list[str]:
+  """What issue #9's targets (JAX >= 1.5x PyTorch forward, >= 1.3x train step) ask of this machine: the MFU
+  PyTorch reached (the XLA-counted FLOPs over torch's own GEMM rate) and the MFU JAX would need to reach the
+  target (over JAX's GEMM rate). A need above 100% cannot be met by any kernel on this CPU. fp32 rows only."""
+  out = []
+  for r in rows:
+    j, t = r["jax"], r["torch"] or {}
+    if "error" in j or not t or "error" in t or "gemm_flops_s" not in t or "bf16_vs_fp32_max_abs" in j:
+      continue
+    batch = j["fwd_img_s"] * j["fwd_s"]
+    per_img = {k: j[f"{k}_flops"] / batch for k in ("fwd", "train")}
+    torch_mfu = {k: t[f"{k}_img_s"] * per_img[k] / t["gemm_flops_s"] for k in per_img}
+    need = {k: target * t[f"{k}_img_s"] * per_img[k] / j["gemm_flops_s"]
+            for k, target in (("fwd", fwd_target), ("train", train_target))}
+    out.append(f"| {r['case']} | {100 * torch_mfu['fwd']:.0f}%; {100 * torch_mfu['train']:.0f}% | "
+               f"{100 * j['mfu_fwd']:.0f}%; {100 * j['mfu_train']:.0f}% | "
+               f"{100 * need['fwd']:.0f}%; {100 * need['train']:.0f}% |")
+  if not out:
+    return []
+  return ["", f"What the targets ask of this CPU: MFU of PyTorch (XLA-counted FLOPs x img/s / torch's GEMM rate), "
+          f"of JAX, and the MFU JAX would need for {fwd_target}x PyTorch's forward and {train_target}x its train "
+          "step (over JAX's GEMM rate; above 100% is beyond this machine's fp32 GEMM peak).", "",
+          "| case | PyTorch MFU fwd; train | JAX MFU fwd; train | JAX MFU needed fwd; train |",
+          "|---|---:|---:|---:|"] + out
 
 
 def _ov(r) -> str:
