@@ -89,8 +89,10 @@ def test_circulant_group_equals_paths_one_by_one(impl):
 
 @pytest.mark.parametrize("din,dout,num_cir", [(48, 48, 4), (48, 96, 4), (96, 48, 2), (45, 45, 3)])
 def test_circulant_fft_gradient_equals_dense(din, dout, num_cir):
-  """The FFT form's hand-written backward (custom_vjp) against autodiff of the dense matmul: gradients of
-  weights, biases and input for two paths read together, square and rectangular geometries, odd block."""
+  """Gradients of the FFT form (through rfft/irfft, whose transposes treat the half spectrum differently for
+  even and odd block sizes) against those of the dense matmul: weights, biases and input, two paths read
+  together, square and rectangular geometries, an odd block. A hand-written backward must pass it too
+  (one was tried, benchmarks/README.md)."""
   def grads(impl):
     projs = [shortcuts.CirculantLinear(din, dout, num_cir, impl=impl, rngs=nnx.Rngs(i)) for i in range(2)]
     graphdef, params = nnx.split(projs)
