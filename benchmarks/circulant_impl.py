@@ -39,6 +39,9 @@ from flax import nnx  # noqa: E402
 
 from vit_jax_fix.models import shortcuts, vit  # noqa: E402
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import machine  # noqa: E402
+
 
 @contextlib.contextmanager
 def projections_as_scales():
@@ -110,14 +113,15 @@ def main():
       f()
       wall[k].append(time.perf_counter() - t0)
       cpu[k].append(time.process_time() - c0)
-  res = dict(backend=jax.default_backend(), device=str(jax.devices()[0]), batch=args.batch, tokens=args.tokens,
+  res = dict(backend=jax.default_backend(), device=str(jax.devices()[0]), processor=machine.cpu_name(),
+             batch=args.batch, tokens=args.tokens,
              dim=args.dim, rounds=args.rounds, glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
              loadavg_start=[round(v, 2) for v in load0],
              loadavg_end=[round(v, 2) for v in os.getloadavg()], fft_vs_dense_max_abs=diff,
              ms={k: dict(wall_median=1e3 * statistics.median(wall[k]), wall_min=1e3 * min(wall[k]),
                          cpu_median=1e3 * statistics.median(cpu[k]), cpu_min=1e3 * min(cpu[k])) for k in fns})
   key = timing_key(res["backend"])
-  lines = [f"# Circulant projection forms on {res['backend']} ({res['device']})", "",
+  lines = [f"# Circulant projection forms on {res['backend']} ({res['device']}; {res['processor']})", "",
            f"`python benchmarks/circulant_impl.py` — block input ({args.batch}, {args.tokens}, {args.dim}), "
            f"{args.rounds} interleaved rounds, load average {res['loadavg_start']} -> {res['loadavg_end']}; "
            f"max |fft - dense| = {diff:.2e}; GLIBC_TUNABLES={res['glibc_tunables'] or '(unset)'}. "

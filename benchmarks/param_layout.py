@@ -43,6 +43,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import machine  # noqa: E402
 from vit_jax_fix.train import config as config_lib  # noqa: E402
 from vit_jax_fix.train import optim, state as state_lib, steps as steps_lib  # noqa: E402
 
@@ -140,7 +142,8 @@ def main():
     row["step_s"] = statistics.median(runners[(row["depth"], row["layout"])][2])
   load1 = os.getloadavg()[0]
   lines = [f"Trainer train step (mixup, cross-entropy, grad, clipping, AdamW, EMA), DeiT-S width, {args.img} px, "
-           f"batch {args.batch}, fp32, {jax.default_backend()}, jax {jax.__version__}; load average {load0:.2f} "
+           f"batch {args.batch}, fp32, {jax.default_backend()} ({machine.cpu_name()}), jax {jax.__version__}; "
+           f"load average {load0:.2f} "
            f"at start, {load1:.2f} at end; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'}.", "",
            "| blocks | param_layout | parameter leaves | lower + compile (s, best of %d) | step (s, median of %d) |"
            % (args.compile_repeats, args.rounds), "|---:|---|---:|---:|---:|"]
@@ -158,6 +161,7 @@ def main():
     pathlib.Path(args.out + ".md").write_text(text + "\n")
     pathlib.Path(args.out + ".json").write_text(json.dumps(dict(rows=rows, load=[load0, load1], batch=args.batch,
                                                                 glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+                                                                processor=machine.cpu_name(),
                                                                 compile_repeats=args.compile_repeats,
                                                                 img=args.img, jax=jax.__version__), indent=1))
 

@@ -41,6 +41,8 @@ import time
 from vit_jax_fix import hostmem
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import machine  # noqa: E402
 DEIT_S = "deit_small_patch16_224"
 EVIT = "deit_small_patch16_shrink_base"
 
@@ -431,7 +433,7 @@ def main():
                 gemm_n=1024 if args.quick else 2048, img=32 if args.quick else 224)
   import platform
   meta = dict(command=" ".join([os.path.basename(sys.executable), "benchmarks/speed.py"] + sys.argv[1:]),
-              cpu_count=os.cpu_count(), platform=platform.platform(), processor=_cpu_name(), batch=batch,
+              cpu_count=os.cpu_count(), platform=platform.platform(), processor=machine.cpu_name(), batch=batch,
               quick=args.quick, started=time.strftime("%Y-%m-%d %H:%M:%S"), loadavg_start=loadavg(),
               malloc=args.malloc, glibc_tunables=run_env_tunables(), transparent_hugepage=hostmem.thp_mode(),
               versions=_versions(), **{k: common[k] for k in ("warmup", "iters", "train_warmup", "train_iters",
@@ -524,16 +526,6 @@ def _parity_only(export, torch_kind, name, ov) -> dict:
   if proc.returncode:
     return {"max_abs_diff": float("nan"), "parity_error": proc.stderr[-500:]}
   return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _cpu_name() -> str:
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "?"
 
 
 def _versions() -> dict:

@@ -75,11 +75,18 @@ def check_logits(got, ref, what):
   return err
 
 
-def check_block(got, ref, what):
+def grad_tol(ref: np.ndarray) -> float:
+  """Gradients sum over batch x tokens (x tokens) products in float32, in another order in each framework
+  (and XLA:CPU's partitioning of a reduction can change between runs): measured up to 1.1e-5 of the largest
+  entry (DeepViT's BN-scale gradient), so 5e-5 of it. A wrong backward is off by O(1) of it."""
+  return 5e-5 * max(1.0, float(np.max(np.abs(ref))))
+
+
+def check_block(got, ref, what, tol=golden.block_tol):
   got = np.asarray(got)
   assert got.shape == ref.shape, f"{what}: shape {got.shape} vs reference {ref.shape}"
   err = float(np.max(np.abs(got - ref)))
-  assert err <= golden.block_tol(ref), f"{what}: max|diff| {err:.3g} > {golden.block_tol(ref):.3g}"
+  assert err <= tol(ref), f"{what}: max|diff| {err:.3g} > {tol(ref):.3g}"
   print(f"{what}: max|diff| {err:.2g} (max|ref| {np.max(np.abs(ref)):.3g})")
   return err
 
@@ -270,12 +277,13 @@ def test_deepvit_train_mode_matches_reference():
   ref_logits = ref(xt)
   (ref_logits * torch.from_numpy(weights)).sum().backward()
   check_logits(np.asarray(logits), ref_logits.detach().numpy(), "deepvit train mode")
-  check_block(np.asarray(dx).transpose(0, 3, 1, 2), xt.grad.numpy(), "d loss / d image")
+  check_block(np.asarray(dx).transpose(0, 3, 1, 2), xt.grad.numpy(), "d loss / d image", tol=grad_tol)
   for i, blk in enumerate(ref.blocks):
     ours = model.blocks[i].attn
     check_block(ours.var_norm.mean[...], blk.attn.var_norm.running_mean.numpy(), f"block {i} BN running mean")
     check_block(ours.var_norm.var[...], blk.attn.var_norm.running_var.numpy(), f"block {i} BN running var")
     g = np.asarray(grads.blocks[i].attn.reatten_matrix.kernel[...])[0, 0].T         # (out, in)
-    check_block(g, blk.attn.reatten_matrix.weight.grad.numpy()[:, :, 0, 0], f"block {i} d loss / d reatten W")
+    check_block(g, blk.attn.reatten_matrix.weight.grad.numpy()[:, :, 0, 0], f"block {i} d loss / d reatten W",
+                tol=grad_tol)
     check_block(np.asarray(grads.blocks[i].attn.var_norm.scale[...]), blk.attn.var_norm.weight.grad.numpy(),
-                f"block {i} d loss / d BN scale")
+                f"block {i} d loss / d BN scale", tol=grad_tol)
