@@ -143,8 +143,8 @@ def main():
   load1 = os.getloadavg()[0]
   lines = [f"Trainer train step (mixup, cross-entropy, grad, clipping, AdamW, EMA), DeiT-S width, {args.img} px, "
            f"batch {args.batch}, fp32, {jax.default_backend()} ({machine.cpu_name()}), jax {jax.__version__}; "
-           f"load average {load0:.2f} "
-           f"at start, {load1:.2f} at end; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'}.", "",
+           f"load average {load0:.2f} at start, {load1:.2f} at end; "
+           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'}.", "",
            "| blocks | param_layout | parameter leaves | lower + compile (s, best of %d) | step (s, median of %d) |"
            % (args.compile_repeats, args.rounds), "|---:|---|---:|---:|---:|"]
   lines += [f"| {r['depth']} | {r['layout']} | {r['param_leaves']} | {r['compile_s']:.2f} | {r['step_s']:.3f} |"

@@ -299,7 +299,6 @@ def torch_worker(job: dict) -> dict:
   torch.set_num_threads(os.cpu_count())
   from vit_jax_fix.interop.torch_compat import import_timm
   import_timm()
-  sys.path.insert(0, str(ROOT / "benchmarks"))
   import torch_reference
   import torch.nn.functional as F
   base_rss = rss_mb()
@@ -609,7 +608,7 @@ def render(result) -> str:
              f"({100 * r['jax']['bf16_vs_fp32_rel']:.2g}% of the largest logit), top-1 agreement "
              f"{100 * r['jax']['bf16_top1_agree']:.0f}% (torch side: timm under torch.autocast bf16; its diff column "
              "compares torch bf16 to JAX bf16).")
-  L += ceiling_lines(rows)
+  L += ceiling_lines(rows, meta["batch"])
   # specific comparisons
   by = {r["case"]: r["jax"] for r in rows if "error" not in r["jax"]}
   base = by.get("deit")
@@ -641,7 +640,7 @@ def render(result) -> str:
   return "\n".join(L) + "\n"
 
 
-def ceiling_lines(rows, fwd_target: float = 1.5, train_target: float = 1.3) -> list[str]:
+def ceiling_lines(rows, batch: int, fwd_target: float = 1.5, train_target: float = 1.3) -> list[str]:
   """What issue #9's targets (JAX >= 1.5x PyTorch forward, >= 1.3x train step) ask of this machine: the MFU
   PyTorch reached (the XLA-counted FLOPs over torch's own GEMM rate) and the MFU JAX would need to reach the
   target (over JAX's GEMM rate). A need above 100% cannot be met by any kernel on this CPU. fp32 rows only."""
@@ -650,7 +649,6 @@ def ceiling_lines(rows, fwd_target: float = 1.5, train_target: float = 1.3) -> l
     j, t = r["jax"], r["torch"] or {}
     if "error" in j or not t or "error" in t or "gemm_flops_s" not in t or "bf16_vs_fp32_max_abs" in j:
       continue
-    batch = j["fwd_img_s"] * j["fwd_s"]
     per_img = {k: j[f"{k}_flops"] / batch for k in ("fwd", "train")}
     torch_mfu = {k: t[f"{k}_img_s"] * per_img[k] / t["gemm_flops_s"] for k in per_img}
     need = {k: target * t[f"{k}_img_s"] * per_img[k] / j["gemm_flops_s"]
