@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 
 from flax import nnx
 
@@ -18,18 +19,15 @@ import vit_jax_fix
 from vit_jax_fix.models.cost import xla_flops
 from vit_jax_fix.models.registry import count_params, get_spec
 
-GOLDEN = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from tests import golden  # noqa: E402  (the golden cases ship in tests/data/golden)
 
 
 def golden_families() -> dict[str, list[str]]:
   """Registered name -> golden cases that check it (from the cases' `equivalent_registered`)."""
   out: dict[str, list[str]] = {}
-  for path in sorted(GOLDEN.glob("*.json")):
-    if path.stem == "README":
-      continue
-    meta = json.loads(path.read_text())
-    name = meta["constructor"]["equivalent_registered"].split()[0].split("(")[0]
-    out.setdefault(name, []).append(path.stem)
+  for case in golden.cases():
+    out.setdefault(golden.registered_name(golden.metadata(case)), []).append(case)
   return out
 
 

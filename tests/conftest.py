@@ -10,18 +10,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-import pathlib  # noqa: E402
-
 import pytest  # noqa: E402
-
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
-
-
-@pytest.fixture(scope="session")
-def shared_dir():
-  if not SHARED.is_dir():
-    pytest.fail(f"../shared not found at {SHARED}: CI clones the repository beside it.")
-  return SHARED
 
 
 @pytest.fixture(scope="session")

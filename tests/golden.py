@@ -1,24 +1,30 @@
-"""Loading the golden test vectors of ../shared/golden (made with the official PyTorch code)."""
+"""Loading the golden test vectors of tests/data/golden (made with the official PyTorch code at the commit each
+case's JSON records; the format is in tests/data/golden/README.md)."""
 from __future__ import annotations
 
 import json
-import pathlib
 
 import numpy as np
 from safetensors.numpy import load_file
 
-GOLDEN = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from tests.testdata import GOLDEN, data_files
 
 
 def cases(family_filter=None) -> list[str]:
-  names = sorted(p.stem for p in GOLDEN.glob("*.json") if p.stem != "README")
+  """Every golden case (FileNotFoundError when there is none), or those whose family passes the filter."""
+  names = [p.stem for p in data_files(GOLDEN, ".json")]
   if family_filter:
-    names = [n for n in names if family_filter(json.loads((GOLDEN / f"{n}.json").read_text())["family"])]
+    names = [n for n in names if family_filter(metadata(n)["family"])]
   return names
 
 
+def metadata(case: str) -> dict:
+  """A case's JSON: how it was made (official repository and commit, constructor arguments, tolerances...)."""
+  return json.loads((GOLDEN / f"{case}.json").read_text())
+
+
 def load(case: str):
-  meta = json.loads((GOLDEN / f"{case}.json").read_text())
+  meta = metadata(case)
   tensors = load_file(str(GOLDEN / f"{case}.safetensors"))
   state = {k: v for k, v in tensors.items() if not k.startswith("__")}
   outputs = {k: v for k, v in tensors.items() if k.startswith("__")}

@@ -79,7 +79,7 @@ def test_real_model_block_shapes_follow_the_arithmetic(rate, fuse, golden):
   shapes, reorg = abstract_tokens("deit_small_patch16_shrink_base", keep_rate=rate, keep_rate_blocks=(1, 3),
                                   fuse_token=fuse, **TINY)
   after1, after3 = official_counts(65, rate, fuse, 2)
-  if golden:   # the token counts of ../shared/golden/README.md
+  if golden:   # the token counts of tests/data/golden/README.md
     assert (after1, after3) == golden
   assert [s[1] for s in shapes] == [65, after1, after1, after3, after3, after3]
   assert all(s[0] == 2 and s[2] == 64 for s in shapes)

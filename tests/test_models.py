@@ -12,10 +12,9 @@ from vit_jax_fix.interop import torch_keys
 from vit_jax_fix.models import shortcuts, spectral
 from vit_jax_fix.models.attention import Attention
 from vit_jax_fix.models.registry import count_params, get_spec
-from tests.conftest import SHARED
+from tests.testdata import STATE_DICTS, data_files
 
-STATE_DICTS = SHARED / "reference" / "state_dicts"
-OFFICIAL = sorted(p.stem for p in STATE_DICTS.glob("*.tsv"))
+OFFICIAL = [p.stem for p in data_files(STATE_DICTS, ".tsv")]
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, depth=2, num_classes=10)
 
 

@@ -5,7 +5,6 @@ Models under test are built with `nnx.eval_shape` and filled from NumPy (no per-
 every forward runs through one `nnx.jit`, which keeps the file fast on small CPUs."""
 import functools
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +16,8 @@ from vit_jax_fix.interop import torch_keys
 from vit_jax_fix.interop.official import official_overrides
 from vit_jax_fix.models import shunted
 from vit_jax_fix.models.registry import count_params, create_model, get_spec
+from tests.testdata import STATE_DICTS
 
-STATE_DICTS = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "state_dicts"
 TINY = dict(embed_dims=(64, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 4), mlp_ratios=(2, 2, 2, 2),
             num_classes=7)
 
