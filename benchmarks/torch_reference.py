@@ -1,8 +1,8 @@
 """Compact PyTorch reference models for the families whose official repositories are not installable here.
 
-Written from the math in ../shared/reference/*.md (not copied from the official code). They follow the
-*official* formulation, including its cost, so that the speed comparison is against what the official code
-executes:
+Written from the papers' math and the official code's behaviour (not copied from the official code; the
+repositories and commits are in tests/data/golden/README.md). They follow the *official* formulation,
+including its cost, so that the speed comparison is against what the official code executes:
 
 - attention is the timm-0.3/0.4-era explicit form (q k^T, softmax, A v), as in the AugViT, DeepViT,
   Anti-oversmoothing and EViT repositories (they all need or expose the map);
@@ -218,7 +218,7 @@ def reference_for(name: str, **overrides) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Shunted Transformer (OliverRensu/Shunted-Transformer SSA.py), from ../shared/reference/shunted.md.
+# Shunted Transformer (OliverRensu/Shunted-Transformer @ 6861101 SSA.py; arXiv 2111.15193).
 #
 # Official module and key names (`patch_embed1.conv.<i>`, `block<s>.<j>.attn.sr1`, `mlp.dwconv.dwconv`, ...),
 # NCHW input. PyTorch convolutions pad symmetrically (7x7/2 pad 3, 3x3/2 pad 1); the reduction convs

@@ -1,4 +1,4 @@
-"""Parity with the official PyTorch code: every golden case of ../shared/golden, fp32, eval mode."""
+"""Parity with the official PyTorch code: every golden case of tests/data/golden, fp32, eval mode."""
 import jax
 import numpy as np
 import pytest

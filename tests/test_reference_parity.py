@@ -1,5 +1,5 @@
-"""Parity with independent PyTorch references (benchmarks/torch_reference.py, written from the math in
-../shared/reference) in cases the golden files of ../shared/golden do not have: other keep rates and block
+"""Parity with independent PyTorch references (benchmarks/torch_reference.py, written from the math of
+the papers) in cases the golden files of tests/data/golden do not have: other keep rates and block
 positions, non-square images, the EViT no-op, EViT on other backbones (EViT), and non-square and odd input
 sizes, other depths/widths/stems and larger batches (Shunted), and DeepViT in train mode (batch statistics,
 running statistics, gradients).

@@ -9,8 +9,8 @@ caller can average over images (with a padding mask) and over several batches. S
 - attention A: (B, H, Nq, Nk), post-softmax (rows sum to 1). Nq = Nk for ViT blocks; a Shunted block's
   key axis is shorter (downsampled keys), which every attention measure here allows.
 
-Measures (the reference texts are ../shared/reference/{augvit.md s11, deepvit.md s11,
-anti_oversmoothing.md s9}; where the papers leave a choice open, the choice made is stated):
+Measures (from the papers: AugViT arXiv 2106.15941, DeepViT arXiv 2103.11886, anti-oversmoothing
+arXiv 2203.05962; where the papers leave a choice open, the choice made is stated):
 
 1. `feature_diversity` (AugViT, after Dong et al. 2021). r(Z) = ||Z - 1 z^T||_F with z the token mean,
    which is the exact minimiser of the Frobenius distance to a matrix of identical rows. Returned raw and

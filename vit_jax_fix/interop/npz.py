@@ -1,6 +1,6 @@
 """Google ViT `.npz` checkpoints (google-research/vision_transformer and big_vision naming) into our ViT.
 
-Names are read as timm's npz loader reads them (../shared/reference/deit_deit3_cait.md, section 6):
+Names are read as timm's npz loader reads them (`_load_weights` in timm/models/vision_transformer.py, timm 1.0.31):
 - prefix: `opt/target/` (old vit_jax train states), `params/` or `params/img/` (big_vision), or none;
 - per block `Transformer/encoderblock_{i}/` (loop) or `Transformer/encoderblock/` with a leading layer axis
   (scanned, `scan_layers=True` in big_vision);

@@ -14,7 +14,7 @@ AttnScale, FeatScale, re-attention, augmented shortcuts, EViT token reorganisati
 adjustment, a non-default qk_scale, LayerNorm eps other than 1e-6, per-block LayerScale values...). Then
 `timm_config` raises `TimmUnsupported` naming the options; export those models with layout='official'.
 The other families (augvit, deepvit, ao, evit, shunted) come from official repositories that are not on
-PyPI; their parity is tested against ../shared/golden instead.
+PyPI; their parity is tested against golden outputs of the official code instead (tests/data/golden).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import inspect
 import math
 from typing import Any
 
+from vit_jax_fix import errors
 from vit_jax_fix.models.registry import get_spec, resolve_kwargs
 
 TIMM_FAMILIES = ("deit", "deit3", "cait")
@@ -54,7 +55,7 @@ _IGNORED = {"drop_rate", "attn_drop_rate", "drop_path_rate", "drop_path_schedule
             "reattention_scale"}
 
 
-class TimmUnsupported(ValueError):
+class TimmUnsupported(errors.UsageError, ValueError):
   """The model uses options that no timm model has; export it with layout='official'."""
 
 

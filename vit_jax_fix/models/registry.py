@@ -1,7 +1,7 @@
 """Model registry: official names -> configurations, and `create_model(name, **overrides)`.
 
 Every registered name builds the official architecture with the official defaults (parameter counts are
-tested against `../shared/reference/state_dicts/<name>.tsv`). Overrides use our own clean names (the keyword
+tested against the official listing `tests/data/state_dicts/<name>.tsv`). Overrides use our own clean names (the keyword
 arguments of the model class: img_size, patch_size, embed_dim, depth, num_heads, num_classes, and one name
 per fix: layer_scale, talking_heads, attn_scale, feat_scale, reattention, aug_shortcut, keep_rate, ...).
 An unknown override is an error that names the nearest valid one.

@@ -1,17 +1,17 @@
 """Shunted Transformer (Ren et al., CVPR 2022): shunted self-attention, a four-stage pyramid.
 
-Reference: ../shared/reference/shunted.md (sections cited as §). Activations are NHWC between stages and
-(B, N, C) inside a stage, with tokens in PyTorch's row-major (h, w) order, so a (B, N, C) <-> (B, H, W, C)
-change is a plain reshape.
+Reference: the paper (arXiv 2111.15193) and SSA.py of OliverRensu/Shunted-Transformer @ 6861101d8f4f592d,
+whose classes are named in brackets below. Activations are NHWC between stages and (B, N, C) inside a stage,
+with tokens in PyTorch's row-major (h, w) order, so a (B, N, C) <-> (B, H, W, C) change is a plain reshape.
 
-- Stem `patch_embed1` (§2): conv 7x7/2 (pad 3, no bias) -> BN -> ReLU, `num_conv` x [conv 3x3 -> BN -> ReLU],
+- Stem `patch_embed1` (`Head`): conv 7x7/2 (pad 3, no bias) -> BN -> ReLU, `num_conv` x [conv 3x3 -> BN -> ReLU],
   conv 2x2/2, LayerNorm(eps 1e-5). Stages 2-4: `OverlapPatchEmbed`, conv 3x3/2 pad 1 + LayerNorm(eps 1e-5).
   All paddings are explicit (XLA 'SAME' pads stride-2 convs asymmetrically).
-- Shunted self-attention (§3): with sr_ratio r > 1 the heads split in two groups; the first half of q's heads
-  attends to keys/values aggregated by a conv r x r / r, the second half by (r/2) x (r/2) / (r/2), each
+- Shunted self-attention (`Attention`): with sr_ratio r > 1 the heads split in two groups; the first half of
+  q's heads attends to keys/values aggregated by a conv r x r / r, the second half by (r/2) x (r/2) / (r/2), each
   followed by LayerNorm(eps 1e-5) and exact GELU; local enhancement (depthwise 3x3 on V) is added to V before
   the attention product. With r = 1 (stage 4): ordinary MHSA with the depthwise conv of V added after it.
-- Detail-specific FFN (§4): fc1 -> GELU(y + DWConv3x3(y)) -> fc2 (`mlp.dwconv.dwconv`, as the official keys).
+- Detail-specific FFN (`Mlp`): fc1 -> GELU(y + DWConv3x3(y)) -> fc2 (`mlp.dwconv.dwconv`, as the official keys).
 - Block and stage norms use `norm_eps` (1e-6 in the official constructors); the classifier reads the mean of
   the last stage's normalised tokens.
 
@@ -157,7 +157,7 @@ class Mlp(nnx.Module):
 
 
 class ShuntedAttention(nnx.Module):
-  """Shunted self-attention (§3). Returns (out, maps): maps is a tuple (coarse, fine) of post-softmax maps
+  """Shunted self-attention (`Attention`). Returns (out, maps): maps is a tuple (coarse, fine) of post-softmax maps
   (B, h/2, N, N_g) for sr_ratio > 1, or one map (B, h, N, N) for sr_ratio = 1; None when not asked for."""
 
   def __init__(self, dim: int, num_heads: int, sr_ratio: int, *, rngs: nnx.Rngs, qkv_bias: bool = True,
@@ -366,7 +366,7 @@ def _norm_eps(v) -> float:
 
 
 def official_overrides(**kwargs) -> dict:
-  """Translate `ShuntedTransformer(**kwargs)` of the official SSA.py (as golden/*.json write them) into
+  """Translate `ShuntedTransformer(**kwargs)` of the official SSA.py (as tests/data/golden/*.json write them) into
   `create_model` overrides. Arguments not given take the official class defaults, so the result builds what
   the official class builds. `norm_layer` (block and stage norms) becomes `norm_eps`; `num_stages` keeps the
   first entries of the per-stage lists; `img_size` / `patch_size` are accepted and unused. An unknown
@@ -387,7 +387,7 @@ def official_overrides(**kwargs) -> dict:
   return out
 
 
-# --- registered names (official constructors shunted_t / shunted_s / shunted_b; § 1, § 7)
+# --- registered names (official constructors shunted_t / shunted_s / shunted_b; top-1 from the official README)
 _SHUNTED = dict(embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), mlp_ratios=(8, 8, 4, 4),
                 sr_ratios=(8, 4, 2, 1), qkv_bias=True, qk_scale=None, norm_eps=1e-6, patch_size=4, img_size=224)
 for _name, _depths, _conv_n, _top1 in (("shunted_t", (1, 2, 4, 1), 0, 79.8), ("shunted_s", (2, 4, 12, 1), 1, 82.9),

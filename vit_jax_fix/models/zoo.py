@@ -1,6 +1,13 @@
 """The official model names of every family, registered with their official configurations.
 
-Sources: ../shared/reference/*.md (architecture facts) and state_dicts/*.tsv (parameter counts, tested).
+Sources: the papers and the official code (each entry's `source` names the file; parameter counts and state-dict
+keys are tested against listings of the official models, tests/data/state_dicts). Official repository @ commit:
+- DeiT, CaiT, DeiT III (arXiv 2012.12877, 2103.17239, 2204.07118): facebookresearch/deit @ 7e160fe43f0252d1
+- AugViT (arXiv 2106.15941): huawei-noah/Efficient-AI-Backbones @ f90e129b645c3b16, augvit_pytorch/
+- DeepViT (arXiv 2103.11886): zhoudaquan/dvit_repo @ 1ccb152cea43fcbc
+- AttnScale, FeatScale (arXiv 2203.05962): VITA-Group/ViT-Anti-Oversmoothing @ 989559fb256ef43b
+- EViT (arXiv 2202.07800): youweiliang/evit @ 5ca95a7cf4a86371
+- Shunted Transformer (arXiv 2111.15193): OliverRensu/Shunted-Transformer @ 6861101d8f4f592d
 `paper_top1` is the ImageNet-1k top-1 the authors report for that name (README of the official repository).
 """
 from __future__ import annotations
