@@ -7,7 +7,12 @@ per fix: layer_scale, talking_heads, attn_scale, feat_scale, reattention, aug_sh
 An unknown override is an error that names the nearest valid one.
 
 Each entry also carries the preprocessing defaults of its family (mean/std, crop_pct, interpolation) so
-that the input pipeline and the PyTorch exporter read them from one place.
+that the input pipeline and the PyTorch exporter read them from one place, and, where the authors released
+weights, where to get them (`Weights`: URL from the authors' README, file name, key layout, sha256 or its
+prefix; the table is at the end of `zoo.py`, the downloader is `vit_jax_fix.interop.weights`):
+
+    model = create_model('deit_small_patch16_224', pretrained=True)      # the authors' weights, by name
+    model = create_model('deit_small_patch16_224', pretrained='/path/or/https/url.pth')
 """
 from __future__ import annotations
 
@@ -23,6 +28,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
 
+# Hosts whose links open a web page (sign-in, virus-scan or captcha interstitials), not the file itself.
+BROWSER_HOSTS = ("drive.google.com", "docs.google.com", "pan.baidu.com")
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+  """Released weights of one registered name (one row of the weights table in `zoo.py`)."""
+  url: str                          # as the authors publish it (README, or code: see `source`)
+  file_name: str                    # name in the cache and in a mirror (for browser links: save it so)
+  layout: str = "official"          # torch key layout, as `interop.checkpoint_io.load_torch(layout=...)`
+  sha256: str = ""                  # full hex digest, or the prefix a torch.hub file name carries ('-a1311bcf')
+  source: str = ""                  # where the URL is published
+  note: str = ""                    # what a user must know (keep rate, pickled args, dead link, ...)
+
+  @property
+  def needs_browser(self) -> bool:
+    """Google Drive / Baidu links cannot be fetched by a script: the file is downloaded by hand."""
+    from urllib.parse import urlparse
+    return urlparse(self.url).hostname in BROWSER_HOSTS
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   name: str
@@ -35,6 +61,7 @@ class ModelSpec:
   interpolation: str = "bicubic"
   paper_top1: float | None = None   # ImageNet-1k top-1 reported by the authors (see README for sources)
   source: str = ""                  # official repository :: constructor
+  weights: Weights | None = None    # the authors' released weights, if any (table at the end of zoo.py)
 
   def preprocessing(self) -> dict:
     return dict(mean=self.mean, std=self.std, crop_pct=self.crop_pct, interpolation=self.interpolation)
@@ -47,6 +74,21 @@ def register(name: str, family: str, builder: Callable, kwargs: dict, **spec_fie
   if name in _REGISTRY:
     raise ValueError(f"model {name!r} is registered twice")
   _REGISTRY[name] = ModelSpec(name, family, builder, dict(kwargs), **spec_fields)
+
+
+def register_weights(name: str, weights: Weights) -> None:
+  """Attach the released weights of a registered name (the weights table at the end of `zoo.py`)."""
+  if name not in _REGISTRY:
+    raise KeyError(f"weights for {name!r}: no such registered model")
+  if weights.layout not in ("official", "timm"):
+    raise ValueError(f"weights for {name!r}: layout must be 'official' or 'timm', got {weights.layout!r}")
+  _REGISTRY[name] = dataclasses.replace(_REGISTRY[name], weights=weights)
+
+
+def pretrained_models() -> list[str]:
+  """Registered names whose authors released weights (downloadable, or by hand for browser links)."""
+  _ensure_loaded()
+  return sorted(n for n, s in _REGISTRY.items() if s.weights is not None)
 
 
 def _ensure_loaded():
@@ -94,13 +136,25 @@ def resolve_kwargs(name: str, **overrides) -> dict:
   return {**spec.kwargs, **overrides}
 
 
-def create_model(name: str, *, rngs: nnx.Rngs | None = None, seed: int = 0, **overrides) -> nnx.Module:
+def create_model(name: str, *, rngs: nnx.Rngs | None = None, seed: int = 0, pretrained: bool | str = False,
+                 **overrides) -> nnx.Module:
   """Build a registered model. Without `rngs`, parameters come from a fixed `seed` (also under
   `nnx.eval_shape`, which allocates nothing). Example:
 
       model = create_model('deit_small_patch16_224', num_classes=10, img_size=32, patch_size=4)
       model = create_model('deit_small_patch16_LS', aug_shortcut='circulant2', feat_scale='double')
+
+  `pretrained=True` loads the authors' weights of `name` (downloaded once into the cache; see
+  `vit_jax_fix.interop.weights`), `pretrained='PATH'` or `'https://...'` that PyTorch file. The weights
+  define the classifier: a `num_classes` other than the file's is an error (the trainer's `init_from`
+  re-initialises a head of another size); other overrides (drop rates, keep_rate, dtype) apply.
   """
+  if pretrained is not False and pretrained is not None:
+    if rngs is not None:
+      raise ValueError("create_model: rngs= with pretrained=: the weights replace every parameter")
+    # Imported here: interop builds its models through this module.
+    from vit_jax_fix.interop.weights import load_pretrained
+    return load_pretrained(name, pretrained, **overrides)
   spec = get_spec(name)
   kwargs = resolve_kwargs(name, **overrides)
   if rngs is None:

@@ -12,7 +12,7 @@ keys are tested against listings of the official models, tests/data/state_dicts)
 """
 from __future__ import annotations
 
-from vit_jax_fix.models.registry import HALF, register
+from vit_jax_fix.models.registry import HALF, Weights, register, register_weights
 from vit_jax_fix.models.vit import VisionTransformer
 
 VIT = VisionTransformer
@@ -98,3 +98,64 @@ try:
 except ImportError as e:  # pragma: no cover - only while the module is being written
   if "shunted" not in str(e):
     raise
+
+# --- Released weights (registry.Weights): URL as the authors publish it, the file name it is cached (and
+# mirrored) under, the key layout load_torch reads it with, and the sha256 prefix where the file name
+# carries one (torch.hub's `-<hex>` convention). Names without a row have no released weights: AugViT (none
+# published), DeepViT 16b (never released), AO 24-layer and CaiT-S24 variants, EViT-DeiT-B.
+# Browser-only links (Google Drive, Baidu) are listed so that the error says where to get the file by hand.
+_FB = "https://dl.fbaipublicfiles.com/deit/"
+_HF_AO = "https://huggingface.co/peihaowang/vit-anti-oversmoothing/resolve/main/"
+_DRIVE = "https://drive.google.com/file/d/{}/view?usp=sharing"
+_SHUNTED_DRIVE = "https://drive.google.com/drive/folders/15iZKXFT7apjUSoN2WUMAbb0tvJgyh3YP?usp=sharing"
+_SHUNTED_NOTE = ("from the Drive folder, or Baidu Pan https://pan.baidu.com/s/1a9nVWpw2SzP0csCBCF8DNw with code "
+                 "hazr")
+_DEIT3_NOTE = "DeiT III ImageNet-1k weights (official gamma_1/gamma_2 keys; timm's deit3 files are renamed copies)"
+_WEIGHTS = {
+    # DeiT: README_deit.md model zoo; the file names carry a sha256 prefix (torch.hub check_hash).
+    "deit_tiny_patch16_224": Weights(_FB + "deit_tiny_patch16_224-a1311bcf.pth", "deit_tiny_patch16_224-a1311bcf.pth",
+                                     sha256="a1311bcf", source="facebookresearch/deit README_deit.md"),
+    "deit_small_patch16_224": Weights(_FB + "deit_small_patch16_224-cd65a155.pth",
+                                      "deit_small_patch16_224-cd65a155.pth", sha256="cd65a155",
+                                      source="facebookresearch/deit README_deit.md"),
+    "deit_base_patch16_224": Weights(_FB + "deit_base_patch16_224-b5f2ef4d.pth", "deit_base_patch16_224-b5f2ef4d.pth",
+                                     sha256="b5f2ef4d", source="facebookresearch/deit README_deit.md"),
+    # CaiT: README_cait.md (S24 224); XXS24 224 is published in cait_models.py (cait_XXS24_224, pretrained=True).
+    "cait_S24_224": Weights(_FB + "S24_224.pth", "S24_224.pth", source="facebookresearch/deit README_cait.md",
+                            note="keys carry a 'module.' prefix (stripped on load)"),
+    "cait_XXS24_224": Weights(_FB + "XXS24_224.pth", "XXS24_224.pth", source="facebookresearch/deit cait_models.py",
+                              note="keys carry a 'module.' prefix (stripped on load)"),
+    # AttnScale / FeatScale: the README points to the Hugging Face hub repository; files at its root.
+    **{n: Weights(_HF_AO + f, f, source="VITA-Group/ViT-Anti-Oversmoothing README.md (Hugging Face hub)")
+       for n, f in (("attnscale_small_12", "attnscale_small_12.pth"), ("featscale_small_12", "featscale_small_12.pth"),
+                    ("attnscale_cait_XXS24_224", "attnscale_cait_xxs24_224.pth"),
+                    ("featscale_cait_XXS24_224", "featscale_cait_xxs24_224.pth"))},
+    # EViT: README model zoo, Google Drive only; the registered name is the keep-rate 0.7, fused-token row.
+    "deit_small_patch16_shrink_base": Weights(
+        _DRIVE.format("1FfvdEBss9f8gexjqEY8vOSUQe_8qwYuL"), "evit_deit_small_keep0.7_fuse.pth",
+        source="youweiliang/evit README.md",
+        note="the keep rate 0.7, token fusion row; the file pickles argparse args: load it with "
+             "allow_pickle=True (trusted source) or re-save its 'model' entry"),
+    # DeepViT: README tables, Google Drive only (16b: never released).
+    "deepvit_patch16_224_re_attn_24b": Weights(_DRIVE.format("1lPmKdNMPJq-mq-4FivqIY4JNAPoQHYxV"),
+                                               "deepvit_patch16_224_re_attn_24b.pth",
+                                               source="zhoudaquan/dvit_repo README.md"),
+    "deepvit_patch16_224_re_attn_32b": Weights(_DRIVE.format("1kUBrAbAQfMT5FQJprITRxDtOE6ECZM0M"),
+                                               "deepvit_patch16_224_re_attn_32b.pth",
+                                               source="zhoudaquan/dvit_repo README.md",
+                                               note="this link was reported dead (dvit_repo issue #10)"),
+    "deepvit_S": Weights(_DRIVE.format("1evhBjla4Nth7LawW2PAXnGEcpv3YBWEC"), "deepvit_S.pth",
+                         source="zhoudaquan/dvit_repo README.md"),
+    "deepvit_L": Weights(_DRIVE.format("1MTRm0NK_sPGRSyuD_hHJ1Zgw2diEaKLR"), "deepvit_L.pth",
+                         source="zhoudaquan/dvit_repo README.md"),
+    # Shunted: one Google Drive folder (and Baidu Pan) for T, S and B.
+    **{n: Weights(_SHUNTED_DRIVE, f, source="OliverRensu/Shunted-Transformer README.md", note=f"{f} {_SHUNTED_NOTE}")
+       for n, f in (("shunted_t", "ckpt_T.pth"), ("shunted_s", "ckpt_S.pth"), ("shunted_b", "ckpt_B.pth"))},
+}
+# DeiT III: README_revenge.md (ImageNet-1k pre-training, 224); timm's deit3_* names are the same architecture.
+for _size in ("small", "base"):
+  _w = Weights(_FB + f"deit_3_{_size}_224_1k.pth", f"deit_3_{_size}_224_1k.pth",
+               source="facebookresearch/deit README_revenge.md", note=_DEIT3_NOTE)
+  _WEIGHTS[f"deit_{_size}_patch16_LS"] = _WEIGHTS[f"deit3_{_size}_patch16_224"] = _w
+for _name, _w in _WEIGHTS.items():
+  register_weights(_name, _w)
