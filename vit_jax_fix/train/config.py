@@ -112,6 +112,7 @@ def base_config() -> ConfigDict:
   c.diagnostics.threshold = 0.9             # cross-layer attention similarity threshold (#similar blocks)
   c.init_from = ConfigDict()
   c.init_from.path = ""                     # workdir/checkpoint dir, or .pth/.pt/.bin/.safetensors
+  c.init_from.pretrained = False            # True: the authors' weights of model.name (registry table, cached)
   c.init_from.layout = "official"           # torch key layout: 'official' | 'timm'
   c.init_from.ema = False                   # take the EMA weights of a checkpoint / state_dict_ema
   c.init_from.reinit_head = "auto"          # 'auto' (when the class count differs) | True | False

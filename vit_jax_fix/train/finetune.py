@@ -1,6 +1,9 @@
 """Initialisation from another checkpoint or from PyTorch / Google weights (``config.init_from``).
 
-Sources: a trainer workdir / checkpoint dir (ours, or one written by ``interop.save_trainer_checkpoint``), a
+Sources: ``init_from.pretrained=True`` (the authors' released weights of ``config.model.name``, from the
+registry's weights table through ``vit_jax_fix.interop.weights.resolve``: downloaded once into the cache,
+read with the table's key layout), a trainer workdir / checkpoint dir (ours, or one written by
+``interop.save_trainer_checkpoint``), a
 PyTorch ``.pth/.pt/.bin/.safetensors`` file (read by ``vit_jax_fix.interop.checkpoint_io.read_state_dict``:
 ``weights_only`` loading, ``{'model'|'state_dict'|'state_dict_ema'}`` wrappers, ``module.`` prefixes) or a
 Google ViT ``.npz`` (``vit_jax_fix.interop.npz.load_npz``).
@@ -132,19 +135,25 @@ def adapt(src: dict, target: dict, *, num_prefix: int, reinit_head, what: str = 
 
 def load_pretrained(config, model_def, params, batch_stats):
   """New (params, batch_stats) from config.init_from, fitted onto the given (freshly initialised) trees."""
-  src_path = config.init_from.path
+  src_path, layout = config.init_from.path, config.init_from.layout
+  source = f"init_from.path={src_path!r}"
+  if config.init_from.get("pretrained", False):
+    if src_path:
+      raise ValueError(f"set init_from.path or init_from.pretrained, not both (path={src_path!r}).")
+    from vit_jax_fix.interop.weights import resolve
+    src_path = resolve(model_def.name)   # the table's file: cached, else mirror, else download
+    layout = registry.get_spec(model_def.name).weights.layout
+    source = f"init_from.pretrained ({src_path})"
   if src_path.endswith(".npz") and os.path.isfile(src_path):
     src_p, src_s = _from_npz(src_path, model_def.name, model_def.kwargs)
   elif src_path.endswith(TORCH_SUFFIXES) and os.path.isfile(src_path):
-    src_p, src_s = _from_torch(src_path, model_def.name, model_def.kwargs, config.init_from.layout,
-                               bool(config.init_from.ema))
+    src_p, src_s = _from_torch(src_path, model_def.name, model_def.kwargs, layout, bool(config.init_from.ema))
   else:
     from vit_jax_fix.train.checkpoint import load_state_dicts
     _, _, src_p, src_s = load_state_dicts(src_path, ema=bool(config.init_from.ema))
   resolved = registry.resolve_kwargs(model_def.name, **model_def.kwargs)
   prefix = _num_prefix(resolved, params)
   reinit = config.init_from.reinit_head
-  source = f"init_from.path={src_path!r}"
   # Sources come per block; fit them in that layout (mismatch messages name blocks/i/...), then restack.
   params = adapt(src_p, model_def.per_block(params), num_prefix=prefix, reinit_head=reinit, source=source)
   batch_stats = adapt(src_s, model_def.per_block(batch_stats), num_prefix=prefix, reinit_head=reinit,

@@ -213,6 +213,8 @@ def _finetune_init(setup, state):
   state = dict(state, params=jax.device_put(params, setup.state_sh["params"]),
                batch_stats=jax.device_put(stats, setup.state_sh["batch_stats"]))
   if state["ema"] is not None:
+    # Own buffers for the EMA: the train step donates both trees, and device_put of one array may alias it.
+    params, stats = jax.tree.map(np.array, jax.device_get((params, stats)))
     state["ema"] = {"params": jax.device_put(params, setup.state_sh["ema"]["params"]),
                     "batch_stats": jax.device_put(stats, setup.state_sh["ema"]["batch_stats"])}
   return state
@@ -270,7 +272,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
     logging.info("restored step %d from %s", latest, ckpt.checkpoint_dir(workdir))
   else:
     state = setup.init_state()
-    if c.init_from.path:
+    if c.init_from.path or c.init_from.get("pretrained", False):
       state = _finetune_init(setup, state)
   step = int(jax.device_get(state["step"]))
   total = setup.total_iters
