@@ -1,4 +1,5 @@
 """Shared pieces of the configs: the base config and the `demo` argument (small model, embedded MNIST-5k)."""
+from vit_jax_fix.errors import ConfigError
 from vit_jax_fix.train.config import base_config
 
 
@@ -100,7 +101,7 @@ def finish(c, arg: str):
   if arg == "demo":
     return demo(c)
   if arg:
-    raise ValueError(f"unknown config argument {arg!r}: use '' (paper recipe) or 'demo'")
+    raise ConfigError(f"unknown config argument {arg!r}: use '' (paper recipe) or 'demo'")
   return c
 
 

@@ -159,6 +159,8 @@ def test_cli_round_trip_through_trainer_checkpoint(tmp_path):
   sd, info = read_state_dict(str(out))
   assert_same_state(sd, state)
   assert info["metadata"]["model_name"] == name and info["metadata"]["weights"] == "raw"
-  # a wrong name is reported, not half-loaded
-  assert convert.main(["from-torch", "--name", "deit_small_patch16_224", "--weights", str(src),
-                       "--out", str(tmp_path / "bad")]) == 2
+  # a wrong name is reported (its message alone, exit 1), not half-loaded
+  with pytest.raises(SystemExit) as e:
+    convert.main(["from-torch", "--name", "deit_small_patch16_224", "--weights", str(src),
+                  "--out", str(tmp_path / "bad")])
+  assert e.value.code == 1 and not (tmp_path / "bad" / "checkpoints").exists()

@@ -1,23 +1,29 @@
 """Every command in README.md is exercised: the set-up commands by CI (`.ci/run` runs the test command and
-the main job), the library's CLIs by their own end-to-end tests, and here each documented command line is
-parsed exactly as written (config files, config arguments and `--config.*` overrides validated; CLI
-arguments accepted by the tool's parser), so the README cannot drift from the code."""
+the main job), the library's CLIs by their own end-to-end tests, and here each command line the README shows,
+in code blocks and in the prose alike, is parsed exactly as written: main.py's through main.py's own flag
+parser (config files, config arguments and `--config.*` overrides loaded and validated), the tools' through
+their argument parsers, scripts by their path and flags. `--config.*` fragments given in the prose are applied
+to a config. So the README cannot drift from the code."""
 import pathlib
 import re
 import shlex
 
 import pytest
 from absl import flags
-from ml_collections import config_flags
+
+from vit_jax_fix.train import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+PLACEHOLDER_VALUES = {"N": "1", "K": "1"}   # `--config.diagnostics.every_steps=N` in the prose
 
 
 def readme_commands() -> list[str]:
-  """`python ...` command lines of the README's bash blocks (continuation lines joined, comments dropped)."""
+  """`python ...` command lines of the README: bash blocks (continuation lines joined, comments dropped) and
+  inline code spans of the prose."""
   commands = []
-  for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+  blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+  for block in blocks:
     block = block.replace("\\\n", " ")
     for line in block.splitlines():
       line = line.split(" #")[0].strip()
@@ -25,32 +31,64 @@ def readme_commands() -> list[str]:
         part = part.strip()
         if part.startswith("python "):
           commands.append(part)
+  prose = re.sub(r"```.*?```", "", README, flags=re.S)
+  commands += [c.strip() for c in re.findall(r"`(python [^`]+)`", prose)]
   return commands
 
 
+def readme_override_fragments() -> list[str]:
+  """Inline code spans of the prose made only of `--config.KEY=VALUE` overrides."""
+  prose = re.sub(r"```.*?```", "", README, flags=re.S)
+  return [s for s in re.findall(r"`([^`]+)`", prose) if all(t.startswith("--config.") for t in s.split())]
+
+
 COMMANDS = readme_commands()
+FRAGMENTS = readme_override_fragments()
+
+
+def parse_main(argv: list[str], monkeypatch):
+  """main.py's flag parsing (cli.define_main_flags + cli.parse_flags) on fresh flag values."""
+  monkeypatch.chdir(ROOT)
+  fv = flags.FlagValues()
+  cli.define_main_flags(fv, sys_argv=["main.py", *argv])
+  cli.parse_flags(["main.py", *argv], fv)
+  return fv
 
 
 def test_readme_has_the_two_setup_commands_and_ci_runs_them():
   ci = (ROOT / ".ci" / "run").read_text()
-  assert 'pip install -e ".[test]" && python -m pytest -n 2 -q' in README
-  assert 'pip install -q -e ".[test]" && python -m pytest -n 2 -q' in ci
+  assert re.search(r'pip install [^\n]*-e "\.\[test\]" && python -m pytest -n 2 -q', README)
+  assert 'python -m pytest -n 2 -q' in ci and '-e ".[test]"' in ci
   main_job = "python main.py --config configs/augvit_s.py:demo --workdir workdirs/augvit_demo"
   assert main_job in README and main_job in ci
 
 
+def test_prose_commands_are_collected():
+  """The collector sees the prose: every inline `python ...` span of the README is among COMMANDS."""
+  inline = re.findall(r"`(python [^`]+)`", re.sub(r"```.*?```", "", README, flags=re.S))
+  assert inline and all(c.strip() in COMMANDS for c in inline)
+  assert FRAGMENTS, "the README shows --config.* overrides in its prose"
+
+
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python main.py")])
 def test_main_commands_parse_and_validate(command, monkeypatch):
-  from vit_jax_fix.train import config as train_config
-  monkeypatch.chdir(ROOT)
-  argv = shlex.split(command)[1:]
-  monkeypatch.setattr("sys.argv", argv)   # config_flags reads the --config.* overrides from sys.argv
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
-  flags.DEFINE_string("workdir", None, "", flag_values=fv)
-  fv(argv)
-  assert fv.workdir
-  train_config.validate(fv.config)
+  fv = parse_main(shlex.split(command)[2:], monkeypatch)
+  assert fv.workdir and fv.config.model.name
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS)
+def test_prose_overrides_apply_to_a_config(fragment, monkeypatch):
+  overrides = []
+  for token in shlex.split(fragment):
+    key, _, value = token.partition("=")
+    overrides.append(f"{key}={PLACEHOLDER_VALUES.get(value, value)}")
+  fv = parse_main(["--config", "configs/deit_s.py:demo", "--workdir", "W", *overrides], monkeypatch)
+  for token in overrides:
+    path, _, _ = token[len("--config."):].partition("=")
+    node = fv.config
+    for key in path.split("."):
+      assert key in node, f"{token}: {key!r} did not reach the config"
+      node = node[key]
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python -m vit_jax_fix.")])
@@ -60,3 +98,14 @@ def test_tool_commands_parse(command):
   module = importlib.import_module(argv[2])
   parser = module.build_parser()
   parser.parse_args(argv[3:])
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if re.match(r"python [\w/]+\.py", c)
+                                     and not c.startswith("python main.py")])
+def test_script_commands_exist_with_their_flags(command):
+  argv = shlex.split(command)
+  script = ROOT / argv[1]
+  assert script.is_file(), f"{command}: no {argv[1]}"
+  source = script.read_text()
+  for flag in (a.split("=")[0] for a in argv[2:] if a.startswith("--")):
+    assert re.search(rf"""["']{re.escape(flag)}["']""", source), f"{command}: {script.name} has no {flag}"

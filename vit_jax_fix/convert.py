@@ -18,13 +18,16 @@ import argparse
 import json
 import sys
 
+from vit_jax_fix import errors
+
 
 def _parse_overrides(items) -> dict:
   out = {}
   for item in items or []:
     key, sep, value = item.partition("=")
     if not sep:
-      raise SystemExit(f"--override {item!r}: use KEY=VALUE (VALUE as JSON, e.g. num_classes=10 img_size=384)")
+      raise errors.ArgumentError(f"--override {item!r}: use KEY=VALUE (VALUE as JSON, e.g. num_classes=10 "
+                                 f"img_size=384)")
     try:
       out[key] = json.loads(value)
     except json.JSONDecodeError:
@@ -46,7 +49,7 @@ def export_checkpoint(checkpoint: str, out: str, *, ema: bool = False, layout: s
   from vit_jax_fix.train.checkpoint import load_state_dicts
   meta, model_def, params, stats = load_state_dicts(checkpoint, ema=ema)
   if name is not None and name != meta["model_name"]:
-    raise SystemExit(f"checkpoint {checkpoint!r} holds {meta['model_name']!r}, not {name!r}")
+    raise errors.BadFileError(f"checkpoint {checkpoint!r} holds {meta['model_name']!r}, not {name!r}")
   model = model_def.model(params, stats, train=False)
   return export_model(model, out, name=meta["model_name"], overrides=meta.get("model_kwargs") or {},
                       layout=layout, ema=ema)
@@ -60,7 +63,7 @@ def import_weights(weights: str, out: str, *, name: str | None = None, overrides
   if weights.endswith(".npz"):
     from vit_jax_fix.interop.npz import load_npz
     if name is None:
-      raise SystemExit("--name is required for .npz checkpoints (e.g. deit_base_patch16_224 with overrides)")
+      raise errors.ArgumentError("--name is required for .npz checkpoints (e.g. deit_base_patch16_224 with overrides)")
     model, info = load_npz(weights, name, overrides, resize=resize)
   else:
     model, info = load_torch(weights, name, overrides, layout=layout, ema=ema, allow_pickle=allow_pickle)
@@ -97,28 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+@errors.exit_on_user_error(prog="convert")
 def main(argv=None) -> int:
+  """User errors (a missing or foreign file, an unknown name) exit with their message: 2 for usage, else 1."""
   args = build_parser().parse_args(argv)
-
-  from vit_jax_fix.interop.checkpoint_io import UnsafeCheckpoint
-  from vit_jax_fix.interop.state_dict import StateDictMismatch
-  from vit_jax_fix.interop.timm_models import TimmUnsupported
-  try:
-    if args.command == "to-torch":
-      meta = export_checkpoint(args.checkpoint, args.out, ema=args.ema,
-                               layout=None if args.layout == "auto" else args.layout, name=args.name)
-      print(f"wrote {args.out}: {meta['model_name']} ({meta['layout']} layout, {meta['weights']} weights)")
-      if "timm_create" in meta:
-        print("load with:", meta["timm_create"].replace("PATH", repr(args.out)))
-    else:
-      summary = import_weights(args.weights, args.out, name=args.name,
-                               overrides=_parse_overrides(args.override) if args.override else None,
-                               layout=args.layout, ema=args.ema, allow_pickle=args.allow_pickle,
-                               resize=args.resize)
-      print(json.dumps(summary, indent=2, default=str))
-  except (StateDictMismatch, UnsafeCheckpoint, TimmUnsupported, FileNotFoundError, ValueError, KeyError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if args.command == "to-torch":
+    meta = export_checkpoint(args.checkpoint, args.out, ema=args.ema,
+                             layout=None if args.layout == "auto" else args.layout, name=args.name)
+    print(f"wrote {args.out}: {meta['model_name']} ({meta['layout']} layout, {meta['weights']} weights)")
+    if "timm_create" in meta:
+      print("load with:", meta["timm_create"].replace("PATH", repr(args.out)))
+  else:
+    summary = import_weights(args.weights, args.out, name=args.name,
+                             overrides=_parse_overrides(args.override) if args.override else None,
+                             layout=args.layout, ema=args.ema, allow_pickle=args.allow_pickle,
+                             resize=args.resize)
+    print(json.dumps(summary, indent=2, default=str))
   return 0
 
 

@@ -26,6 +26,8 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from vit_jax_fix import errors  # noqa: E402
+
 
 def parse_value(text: str):
   try:
@@ -40,7 +42,7 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
   overrides = {}
   for item in filter(None, (s.strip() for s in _split_top_level(rest))):
     if "=" not in item:
-      raise ValueError(f"model override {item!r} in {spec!r} is not key=value")
+      raise errors.ArgumentError(f"model override {item!r} in {spec!r} is not key=value")
     k, _, v = item.partition("=")
     overrides[k.strip()] = parse_value(v.strip())
   return name.strip(), overrides
@@ -97,7 +99,7 @@ def build_models(args) -> dict:
   if ckpts and len(specs) == 1:
     specs = specs * len(ckpts)
   elif ckpts and len(ckpts) != len(specs):
-    raise SystemExit(f"--checkpoint: give one per --model ({len(specs)}) or use one --model "
+    raise errors.ArgumentError(f"--checkpoint: give one per --model ({len(specs)}) or use one --model "
                      f"(got {len(ckpts)} checkpoints)")
   entries = []
   for i, (spec, name, overrides) in enumerate(specs):
@@ -109,12 +111,13 @@ def build_models(args) -> dict:
     entries.append((label, name, model))
   labels = list(args.label) if args.label else [e[0] for e in entries]
   if len(labels) != len(entries):
-    raise SystemExit(f"--label: give one per model/checkpoint ({len(entries)}), got {len(labels)}")
+    raise errors.ArgumentError(f"--label: give one per model/checkpoint ({len(entries)}), got {len(labels)}")
   if len(set(labels)) != len(labels):
     labels = [f"{i}:{lab}" for i, lab in enumerate(labels)]
   return {lab: (name, model) for lab, (_, name, model) in zip(labels, entries)}
 
 
+@errors.exit_on_user_error(prog="diagnose")
 def main(argv=None) -> dict:
   args = build_parser().parse_args(argv)
   from vit_jax_fix import diagnostics as D

@@ -24,6 +24,7 @@ import warnings
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vit_jax_fix import errors
 from vit_jax_fix.data import demo as demo_lib
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ SPLIT_DIR_NAMES = ("train", "val", "validation", "test")
 IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 
 
-class DataSourceError(ValueError):
+class DataSourceError(errors.UserError, ValueError):
   """A dataset, split or folder that cannot be used, with a message saying how to fix it."""
 
 

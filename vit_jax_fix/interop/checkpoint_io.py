@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from vit_jax_fix import errors
+
 PTH_SUFFIXES = (".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 _RAW_KEYS = ("model", "state_dict", "module", "params")
@@ -35,7 +37,7 @@ _EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-class UnsafeCheckpoint(RuntimeError):
+class UnsafeCheckpoint(errors.UserError, RuntimeError):
   """A .pth file that needs unpickling arbitrary Python objects; see the message for what to do."""
 
 
@@ -59,22 +61,22 @@ def unwrap_state_dict(obj: Any, *, ema: bool | None = None) -> tuple[dict, str]:
   ema=True takes EMA weights (error if absent); ema=False never does, unless they are the only weights and
   ema is None (the default: raw weights when present, else EMA)."""
   if not isinstance(obj, dict):
-    raise ValueError(f"checkpoint holds a {type(obj).__name__}, not a dict of tensors; save "
+    raise errors.BadFileError(f"checkpoint holds a {type(obj).__name__}, not a dict of tensors; save "
                      f"model.state_dict() rather than the model object")
   if _is_state_dict(obj) and not any(k in obj for k in _RAW_KEYS + _EMA_KEYS):
     if ema:
-      raise ValueError("ema=True but the checkpoint is a bare state_dict with no EMA weights")
+      raise errors.BadFileError("ema=True but the checkpoint is a bare state_dict with no EMA weights")
     return obj, ""
   raw = [k for k in _RAW_KEYS if _is_state_dict(obj.get(k))]
   emas = [k for k in _EMA_KEYS if _is_state_dict(obj.get(k))]
   if ema and not emas:
-    raise ValueError(f"ema=True but the checkpoint has no EMA weights (entries: {sorted(obj)}; EMA is looked "
+    raise errors.BadFileError(f"ema=True but the checkpoint has no EMA weights (entries: {sorted(obj)}; EMA is looked "
                      f"for under {list(_EMA_KEYS)})")
   if ema or (ema is None and not raw and emas):
     return obj[emas[0]], emas[0]
   if raw:
     return obj[raw[0]], raw[0]
-  raise ValueError(f"no state_dict found in the checkpoint: its entries are {sorted(obj)}; expected a flat "
+  raise errors.BadFileError(f"no state_dict found in the checkpoint: its entries are {sorted(obj)}; expected a flat "
                    f"dict of tensors or one under {list(_RAW_KEYS + _EMA_KEYS)}")
 
 
@@ -114,7 +116,7 @@ def read_state_dict(path: str, *, ema: bool | None = None, allow_pickle: bool = 
   unwrapped / stripped) and 'metadata' (the file's metadata, JSON values decoded; {} if none)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no such weights file: {path}")
+    raise errors.MissingFileError(f"no such weights file: {path}")
   meta: dict = {}
   if path.endswith(SAFETENSORS_SUFFIXES):
     from safetensors import safe_open
@@ -131,7 +133,7 @@ def read_state_dict(path: str, *, ema: bool | None = None, allow_pickle: bool = 
     if isinstance(obj, dict) and isinstance(obj.get("metadata"), dict):
       meta = dict(obj["metadata"])
   else:
-    raise ValueError(f"{path}: unknown weights format; expected one of {SAFETENSORS_SUFFIXES + PTH_SUFFIXES}")
+    raise errors.ArgumentError(f"{path}: unknown weights format; expected one of {SAFETENSORS_SUFFIXES + PTH_SUFFIXES}")
   sd, wrapper = unwrap_state_dict(obj, ema=ema)
   sd, prefix = strip_prefix(sd)
   sd = {k: _to_numpy(v) for k, v in sd.items()}
@@ -212,7 +214,7 @@ def write_state_dict(path: str, state_dict: dict[str, np.ndarray], metadata: dic
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
     torch.save({"state_dict": tensors, "metadata": _jsonable(metadata)}, path)
   else:
-    raise ValueError(f"{path}: choose a .safetensors or .pth file name")
+    raise errors.ArgumentError(f"{path}: choose a .safetensors or .pth file name")
   return path
 
 
@@ -253,7 +255,7 @@ def save_torch(model, path: str, *, name: str | None = None, overrides: dict | N
   from vit_jax_fix.interop.timm_models import default_layout
   name = name or getattr(model, "spec_name", None)
   if name is None:
-    raise ValueError("save_torch: give name= (the registered model name) for the metadata")
+    raise errors.ArgumentError("save_torch: give name= (the registered model name) for the metadata")
   overrides = dict(overrides or {})
   layout = layout or default_layout(name, **overrides)
   meta = export_metadata(name, overrides, layout=layout, weights=weights)
@@ -272,7 +274,7 @@ def load_torch(path: str, name: str | None = None, overrides: dict | None = None
   if name is None:
     name = meta.get("model_name")
     if name is None:
-      raise ValueError(f"{path} carries no model name in its metadata: give the registered name "
+      raise errors.ArgumentError(f"{path} carries no model name in its metadata: give the registered name "
                        f"(--name / name=...)")
     if overrides is None:
       overrides = dict(meta.get("model_kwargs") or {})

@@ -24,6 +24,7 @@ import os
 
 import numpy as np
 
+from vit_jax_fix import errors
 from vit_jax_fix.interop.position import resize_pos_embed
 
 _STYLES = {  # (attention, second LayerNorm, MLP) sub-module names
@@ -55,7 +56,7 @@ def _blocks(w: dict) -> list[dict]:
     return []
   depth = {np.shape(v)[0] for v in scanned.values()}
   if len(depth) != 1:
-    raise ValueError(f"scanned encoderblock arrays disagree on the layer axis: {sorted(depth)}")
+    raise errors.BadFileError(f"scanned encoderblock arrays disagree on the layer axis: {sorted(depth)}")
   return [{k: v[i] for k, v in scanned.items()} for i in range(depth.pop())]
 
 
@@ -65,11 +66,11 @@ def npz_to_torch_state_dict(npz: dict) -> tuple[dict, dict]:
   w = _strip_prefix(npz)
   bad = [k for k in w if k.startswith(("pre_logits/", "MAPHead"))]
   if bad:
-    raise ValueError(f"npz holds layers our ViT does not have: {sorted(set(k.split('/')[0] for k in bad))} "
+    raise errors.BadFileError(f"npz holds layers our ViT does not have: {sorted(set(k.split('/')[0] for k in bad))} "
                      f"(representation/pre-logits layer or attention-pooling head)")
   blocks = _blocks(w)
   if not blocks:
-    raise ValueError("no Transformer/encoderblock_* or Transformer/encoderblock/ arrays: not a ViT npz")
+    raise errors.BadFileError("no Transformer/encoderblock_* or Transformer/encoderblock/ arrays: not a ViT npz")
   style = "vit_jax" if any(k.startswith(_STYLES["vit_jax"][0]) for k in blocks[0]) else "big_vision"
   att, ln2, mlp = _STYLES[style]
   sd = {}
@@ -82,7 +83,8 @@ def npz_to_torch_state_dict(npz: dict) -> tuple[dict, dict]:
   elif "pos_embedding" in w:
     pos, pos_has_cls = np.asarray(w["pos_embedding"]), False
   else:
-    raise ValueError("npz has no position embedding (Transformer/posembed_input/pos_embedding or pos_embedding)")
+    raise errors.BadFileError("npz has no position embedding (Transformer/posembed_input/pos_embedding or "
+                              "pos_embedding)")
   sd["pos_embed"] = pos.reshape(1, -1, pos.shape[-1])
   for i, b in enumerate(blocks):
     p = f"blocks.{i}."
@@ -128,7 +130,7 @@ def load_npz(path_or_dict, name: str, overrides: dict | None = None, *, resize: 
   from vit_jax_fix.interop.testing import random_model
   from vit_jax_fix.interop.timm_models import full_kwargs
   if head_mode not in ("load", "reset"):
-    raise ValueError("head_mode must be 'load' or 'reset'")
+    raise errors.ArgumentError("head_mode must be 'load' or 'reset'")
   npz = dict(np.load(os.fspath(path_or_dict))) if not isinstance(path_or_dict, dict) else path_or_dict
   sd, info = npz_to_torch_state_dict(npz)
   overrides = dict(overrides or {})
@@ -137,7 +139,7 @@ def load_npz(path_or_dict, name: str, overrides: dict | None = None, *, resize: 
   kw = full_kwargs(name, **overrides)
   p = int(kw["patch_size"])
   if sd["patch_embed.proj.weight"].shape[2:] != (p, p):
-    raise ValueError(f"npz patch size {sd['patch_embed.proj.weight'].shape[2:]} differs from the model's "
+    raise errors.BadFileError(f"npz patch size {sd['patch_embed.proj.weight'].shape[2:]} differs from the model's "
                      f"patch_size={p}; build the model with that patch size")
   img = kw["img_size"]
   img = tuple(img) if isinstance(img, (list, tuple)) else (img, img)
@@ -165,7 +167,7 @@ def to_npz_dict(model, *, style: str = "vit_jax", scanned: bool = False, prefix:
   weights to JAX code that reads vit_jax / big_vision checkpoints."""
   from vit_jax_fix.interop.state_dict import to_torch_state_dict
   if style not in _STYLES:
-    raise ValueError(f"style must be one of {sorted(_STYLES)}")
+    raise errors.ArgumentError(f"style must be one of {sorted(_STYLES)}")
   att, ln2, mlp = _STYLES[style]
   sd = to_torch_state_dict(model)
   d = sd["cls_token"].shape[-1]

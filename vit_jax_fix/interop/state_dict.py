@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vit_jax_fix import errors
 from vit_jax_fix.models.vit import with_param_layout
 
 LAYOUTS = ("official", "timm")
@@ -49,7 +50,7 @@ _LEAF_NAMES = {
 }
 
 
-class StateDictMismatch(ValueError):
+class StateDictMismatch(errors.UserError, ValueError):
   """Raised when a state_dict does not fit a model; the message lists every offending key."""
 
 

@@ -22,6 +22,7 @@ import inspect
 import math
 from typing import Any
 
+from vit_jax_fix import errors
 from vit_jax_fix.models.registry import get_spec, resolve_kwargs
 
 TIMM_FAMILIES = ("deit", "deit3", "cait")
@@ -54,7 +55,7 @@ _IGNORED = {"drop_rate", "attn_drop_rate", "drop_path_rate", "drop_path_schedule
             "reattention_scale"}
 
 
-class TimmUnsupported(ValueError):
+class TimmUnsupported(errors.UsageError, ValueError):
   """The model uses options that no timm model has; export it with layout='official'."""
 
 

@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 from flax import nnx
 
+from vit_jax_fix import errors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
@@ -106,7 +108,7 @@ def get_spec(name: str) -> ModelSpec:
   if name not in _REGISTRY:
     close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else " See vit_jax_fix.list_models()."
-    raise KeyError(f"unknown model name {name!r}.{hint}")
+    raise errors.ConfigKeyError(f"unknown model name {name!r}.{hint}")
   return _REGISTRY[name]
 
 
@@ -127,13 +129,28 @@ def check_overrides(builder: Callable, overrides: dict, what: str) -> None:
     if key not in valid:
       close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
       hint = f" Did you mean {close[0]!r}?" if close else f" Valid names: {', '.join(sorted(valid))}."
-      raise TypeError(f"{what}: unknown argument {key!r}.{hint}")
+      raise errors.ConfigKeyError(f"{what}: unknown argument {key!r}.{hint}")
+
+
+def _dtype(value, name: str):
+  """`dtype` may be given by name ('bfloat16', 'float32', ...; what a config file or command line holds)."""
+  if value is None or not isinstance(value, str):
+    return value
+  import jax.numpy as jnp
+  try:
+    return jnp.dtype(value).type
+  except TypeError:
+    raise errors.ConfigError(f"create_model({name!r}): dtype={value!r} is not a dtype name; use 'bfloat16', "
+                             f"'float16' or 'float32'.") from None
 
 
 def resolve_kwargs(name: str, **overrides) -> dict:
   spec = get_spec(name)
   check_overrides(spec.builder, overrides, f"create_model({name!r})")
-  return {**spec.kwargs, **overrides}
+  kwargs = {**spec.kwargs, **overrides}
+  if "dtype" in kwargs:
+    kwargs["dtype"] = _dtype(kwargs["dtype"], name)
+  return kwargs
 
 
 def create_model(name: str, *, rngs: nnx.Rngs | None = None, seed: int = 0, pretrained: bool | str = False,
@@ -148,6 +165,9 @@ def create_model(name: str, *, rngs: nnx.Rngs | None = None, seed: int = 0, pret
   `vit_jax_fix.interop.weights`), `pretrained='PATH'` or `'https://...'` that PyTorch file. The weights
   define the classifier: a `num_classes` other than the file's is an error (the trainer's `init_from`
   re-initialises a head of another size); other overrides (drop rates, keep_rate, dtype) apply.
+
+  An option value or combination the model cannot take (the constructors raise ValueError) is a
+  `ConfigError` naming the model and its overrides.
   """
   if pretrained is not False and pretrained is not None:
     if rngs is not None:
@@ -159,7 +179,12 @@ def create_model(name: str, *, rngs: nnx.Rngs | None = None, seed: int = 0, pret
   kwargs = resolve_kwargs(name, **overrides)
   if rngs is None:
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-  model = spec.builder(rngs=rngs, **kwargs)
+  try:
+    model = spec.builder(rngs=rngs, **kwargs)
+  except errors.UserError:
+    raise
+  except ValueError as e:
+    raise errors.ConfigError(f"{name} with {overrides or 'its defaults'}: {e}") from e
   model.spec_name = name
   return model
 

@@ -117,7 +117,9 @@ class Block(nnx.Module):
       y = self.feat_scale(y, grid=grid, num_prefix=num_prefix)
     if self.gamma_1 is not None:
       y = self.gamma_1[...] * y
-    x = x + self.drop_path(y)
+    # The residual stream keeps its dtype (bf16 under dtype=bfloat16): fp32 parameters such as LayerScale or
+    # FeatScale gains would promote it, and a scanned block's carry must not change dtype.
+    x = x + self.drop_path(y).astype(x.dtype)
     if self.aug_shortcut:
       x = self._aug_sum(x, u, x_in, ("augs_attn", "augs_attn2") if two else ("augs_attn",))
     # --- EViT reorganisation, between the attention and the MLP of the same block
@@ -131,7 +133,7 @@ class Block(nnx.Module):
     if self.gamma_2 is not None:
       m = self.gamma_2[...] * m
     m = self.drop_path(m)
-    x = x + (m / a if a != 1.0 else m)
+    x = x + (m / a if a != 1.0 else m).astype(x.dtype)
     if self.aug_shortcut:
       x = self._aug_sum(x, v, x_in, ("augs", "augs2") if two else ("augs",))
     return x, {"attn": probs if return_map else None, "reorg": reorg}
@@ -154,8 +156,8 @@ class ClassAttentionBlock(nnx.Module):
   def __call__(self, x, cls):
     u = jnp.concatenate([cls, x], axis=1)
     y, probs = self.attn(self.norm1(u))
-    cls = cls + self.gamma_1[...] * y
-    cls = cls + self.gamma_2[...] * self.mlp(self.norm2(cls))
+    cls = cls + (self.gamma_1[...] * y).astype(cls.dtype)
+    cls = cls + (self.gamma_2[...] * self.mlp(self.norm2(cls))).astype(cls.dtype)
     return cls, probs
 
 

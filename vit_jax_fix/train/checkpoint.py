@@ -17,20 +17,22 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vit_jax_fix import errors
+
 ITEMS = ("state", "meta")
 QUARANTINE = "corrupt_checkpoints"
 log = logging.getLogger(__name__)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.UserError, ValueError):
   """A checkpoint whose arrays do not fit the configured model / train state (names the keys and shapes)."""
 
 
-class NoUsableCheckpointError(RuntimeError):
+class NoUsableCheckpointError(errors.UserError, RuntimeError):
   """Every checkpoint of a workdir failed to restore."""
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(errors.UsageError, ValueError):
   """A workdir written by a run with a different training config."""
 
 
@@ -75,7 +77,7 @@ def _locate(path: str):
   parent = os.path.dirname(path)
   if os.path.basename(parent) == "checkpoints" and os.path.basename(path).isdigit():
     return os.path.dirname(parent), int(os.path.basename(path))
-  raise FileNotFoundError(f"no checkpoint found at {path!r}: give a workdir, its 'checkpoints' folder, or "
+  raise errors.MissingFileError(f"no checkpoint found at {path!r}: give a workdir, its 'checkpoints' folder, or "
                           f"one step folder inside it.")
 
 
@@ -88,7 +90,7 @@ def load_state_dicts(path: str, *, ema: bool = False):
   mngr = manager(workdir, max_to_keep=None, read_only=True)
   step = mngr.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no checkpoint under {checkpoint_dir(workdir)!r}")
+    raise errors.MissingFileError(f"no checkpoint under {checkpoint_dir(workdir)!r}")
   meta = read_meta(mngr, step)
   from vit_jax_fix.train.state import ModelDef
   model_def = ModelDef.create(meta["model_name"], param_layout=meta.get("param_layout") or "per_block",
@@ -97,7 +99,7 @@ def load_state_dicts(path: str, *, ema: bool = False):
   sds = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), t)
   trees = {"params": sds(model_def.abstract_params()), "batch_stats": sds(model_def.abstract_stats())}
   if ema and not meta.get("has_ema", False):
-    raise ValueError(f"checkpoint {path!r} holds no EMA weights (ema.decay was 0)")
+    raise errors.UsageError(f"checkpoint {path!r} holds no EMA weights (ema.decay was 0)")
   target = {"ema": trees} if ema else trees
   restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=rep, global_shape=x.shape, dtype=x.dtype),
                               target)
@@ -114,7 +116,7 @@ def load_model(path_or_workdir: str, name: str | None = None, ema: bool = False)
   `name`, when given, must match the model name stored with the checkpoint."""
   meta, model_def, params, stats = load_state_dicts(path_or_workdir, ema=ema)
   if name is not None and name != meta["model_name"]:
-    raise ValueError(f"checkpoint holds {meta['model_name']!r}, not {name!r}")
+    raise CheckpointMismatchError(f"checkpoint holds {meta['model_name']!r}, not {name!r}")
   return model_def.model(params, stats, train=False)
 
 

@@ -46,9 +46,12 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 
 import ml_collections
 
+from vit_jax_fix import errors
+from vit_jax_fix.errors import ConfigError
 from vit_jax_fix.data import default_data_config
 
 ConfigDict = ml_collections.ConfigDict
@@ -144,14 +147,31 @@ def check_keys(config, reference=None, prefix: str = "") -> None:
   for key in config.keys():
     full = f"{prefix}{key}"
     if key not in reference:
-      raise KeyError(f"unknown config key {full!r}.{_nearest(key, reference.keys())}")
+      raise errors.ConfigKeyError(f"unknown config key {full!r}.{_nearest(key, reference.keys())}")
     if full in FREE_FORM:
       continue
     sub, ref = config[key], reference[key]
     if isinstance(ref, ConfigDict):
       if not isinstance(sub, (ConfigDict, dict)):
-        raise TypeError(f"config key {full!r} must be a group of keys, got {sub!r}")
+        raise ConfigError(f"config key {full!r} must be a group of keys, got {sub!r}")
       check_keys(sub, ref, prefix=f"{full}.")
+
+
+def check_key_path(path: str) -> None:
+  """A dotted override path (`optimizer.lr`, `model.overrides.feat_scale`) names keys of the base config up to
+  a free-form group; else a ConfigKeyError naming the nearest valid key."""
+  ref, done = base_config(), []
+  for key in re.sub(r"\[[^]]*\]", "", path).split("."):
+    if ".".join(done) in FREE_FORM:
+      return
+    if not isinstance(ref, ConfigDict) or key not in ref:
+      where = f"config.{'.'.join(done)}" if done else "config"
+      valid = ref.keys() if isinstance(ref, ConfigDict) else ()
+      raise errors.ConfigKeyError(f"unknown config key {'.'.join(done + [key])!r} "
+                                  f"(--config.{path}).{_nearest(key, valid)}" if valid else
+                                  f"{where} is a value, not a group: --config.{path} cannot be set.")
+    ref = ref[key]
+    done.append(key)
 
 
 def validate(config) -> None:
@@ -161,31 +181,31 @@ def validate(config) -> None:
   spec = registry.get_spec(config.model.name)
   registry.check_overrides(spec.builder, dict(config.model.overrides), f"config.model.overrides ({spec.name})")
   if config.optimizer.name not in ("adamw", "lamb"):
-    raise ValueError(f"config.optimizer.name={config.optimizer.name!r}: use 'adamw' or 'lamb'.")
+    raise ConfigError(f"config.optimizer.name={config.optimizer.name!r}: use 'adamw' or 'lamb'.")
   if config.loss not in ("softmax_ce", "bce"):
-    raise ValueError(f"config.loss={config.loss!r}: use 'softmax_ce' or 'bce'.")
+    raise ConfigError(f"config.loss={config.loss!r}: use 'softmax_ce' or 'bce'.")
   krs = config.keep_rate_schedule
   if krs.enabled and not (krs.granularity > 0 and krs.start_epochs >= 0 and krs.ramp_epochs >= 0):
-    raise ValueError(f"config.keep_rate_schedule: granularity must be > 0 and start_epochs / ramp_epochs >= 0, "
-                     f"got {dict(krs)}.")
+    raise ConfigError(f"config.keep_rate_schedule: granularity must be > 0 and start_epochs / ramp_epochs >= 0, "
+                      f"got {dict(krs)}.")
   dg = config.diagnostics
   if dg.every_steps < 0 or (dg.every_steps and (dg.num_batches < 1 or dg.batch_size < 1)):
-    raise ValueError(f"config.diagnostics: every_steps must be >= 0 (0 = off) and num_batches, batch_size >= 1, "
-                     f"got {dict(dg)}.")
+    raise ConfigError(f"config.diagnostics: every_steps must be >= 0 (0 = off) and num_batches, batch_size >= 1, "
+                      f"got {dict(dg)}.")
   if config.sharding.strategy not in ("replicated", "fsdp"):
-    raise ValueError(f"config.sharding.strategy={config.sharding.strategy!r}: use 'replicated' or 'fsdp'.")
+    raise ConfigError(f"config.sharding.strategy={config.sharding.strategy!r}: use 'replicated' or 'fsdp'.")
   if config.loss == "bce" and not config.data.bce_targets:
-    raise ValueError("config.loss='bce' (DeiT III) needs config.data.bce_targets=True and label_smoothing=0.")
+    raise ConfigError("config.loss='bce' (DeiT III) needs config.data.bce_targets=True and label_smoothing=0.")
   k = int(config.optimizer.grad_accum_steps)
   if k < 1 or config.batch_size % k:
-    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by "
-                     f"optimizer.grad_accum_steps={k} (>= 1).")
+    raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by "
+                      f"optimizer.grad_accum_steps={k} (>= 1).")
   if config.total_steps <= 0 and not config.num_epochs > 0:
-    raise ValueError("set config.num_epochs > 0 or config.total_steps > 0.")
+    raise ConfigError("set config.num_epochs > 0 or config.total_steps > 0.")
   if not 0.0 <= config.ema.decay < 1.0:
-    raise ValueError(f"config.ema.decay={config.ema.decay} must be in [0, 1).")
+    raise ConfigError(f"config.ema.decay={config.ema.decay} must be in [0, 1).")
   if config.nonfinite_policy not in ("stop", "skip"):
-    raise ValueError(f"config.nonfinite_policy={config.nonfinite_policy!r}: use 'stop' or 'skip'.")
+    raise ConfigError(f"config.nonfinite_policy={config.nonfinite_policy!r}: use 'stop' or 'skip'.")
 
 
 def peak_lr(config) -> float:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vit_jax_fix import errors
 from vit_jax_fix.interop.position import resize_pos_embed as _torch_exact_resize
 from vit_jax_fix.models import registry
 from vit_jax_fix.train import sharding as shard_lib
@@ -32,7 +33,7 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
 HEADS = ("head", "head_dist")
 
 
-class InitFromMismatch(ValueError):
+class InitFromMismatch(errors.UserError, ValueError):
   """The init_from source does not fit the configured model; the message lists each key and shape."""
 
 

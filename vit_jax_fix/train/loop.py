@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from vit_jax_fix import data as data_lib
+from vit_jax_fix import errors
 from vit_jax_fix.models import keep_rate as keep_rate_lib
 from vit_jax_fix.models import registry
 from vit_jax_fix.train import checkpoint as ckpt
@@ -26,12 +27,11 @@ from vit_jax_fix.train import state as state_lib
 from vit_jax_fix.train import steps as steps_lib
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.UserError, FloatingPointError):
   """NaN/inf loss or gradients with nonfinite_policy='stop' (or too many skipped updates with 'skip')."""
 
 
-class ConfigError(ValueError):
-  """A config that cannot train on this data / these devices; raised before training starts."""
+ConfigError = errors.ConfigError   # a config that cannot train on this data / these devices
 
 
 def _dataset_info(config):
@@ -111,6 +111,8 @@ class Setup:
     try:
       self.model_def = state_lib.ModelDef.create(
           config.model.name, **state_lib.model_kwargs(config, self.num_classes, config.data.image_size))
+    except errors.UserError:
+      raise
     except (ValueError, TypeError, AssertionError) as e:
       raise ConfigError(f"config.model ({config.model.name!r}, overrides {dict(config.model.overrides)}) cannot "
                         f"be built: {e}. Fix the value in config.model.overrides.") from None
