@@ -38,6 +38,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from vit_jax_fix import errors
+
 CACHE_ENV = "VIT_JAX_FIX_CACHE"
 MIRROR_ENV = "VIT_JAX_FIX_WEIGHTS_MIRROR"
 DEFAULT_TIMEOUT = 60.0
@@ -46,15 +48,13 @@ _CHUNK = 1 << 20
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[^.]+$")
 
 
-class WeightsError(RuntimeError):
-  """Pretrained weights could not be had; the message says what to do."""
+class WeightsError(errors.UserError, RuntimeError):
+  """Pretrained weights could not be had; the message says what to do (the CLIs print it and exit 1)."""
 
 
 class NoPretrainedWeights(WeightsError, KeyError):
   """A registered model whose authors released no weights."""
-
-  def __str__(self):  # KeyError would quote the message
-    return str(self.args[0])
+  exit_code = 2   # the name asked for cannot work
 
 
 class WeightsDownloadError(WeightsError):
