@@ -31,6 +31,16 @@ def golden_families() -> dict[str, list[str]]:
   return out
 
 
+def weights_label(spec) -> str:
+  """Where the authors' weights come from: the download host, 'manual (host)' for links that need a browser
+  (`create_model(name, pretrained=True)` then says where to save the file), '-' when none were released."""
+  if spec.weights is None:
+    return "-"
+  from urllib.parse import urlparse
+  host = urlparse(spec.weights.url).hostname
+  return f"manual ({host})" if spec.weights.needs_browser else host
+
+
 def gmacs(model) -> float:
   size = getattr(model, "img_size", 224)
   h, w = (size, size) if isinstance(size, int) else size
@@ -53,13 +63,14 @@ def main():
     parity = (", ".join(cases) if cases else
               (f"family: {', '.join(family_cases)}" if family_cases else "-"))
     rows.append(dict(name=name, family=spec.family, params=params, gmacs=round(gmacs(model), 2),
-                     paper_top1=spec.paper_top1, golden=parity))
+                     paper_top1=spec.paper_top1, weights=weights_label(spec), golden=parity))
     print(f"{name}: {params:,} params", flush=True)
-  lines = ["| model | family | params | GMACs (XLA) | paper top-1 | golden parity cases |",
-           "|---|---|---:|---:|---:|---|"]
+  lines = ["| model | family | params | GMACs (XLA) | paper top-1 | weights | golden parity cases |",
+           "|---|---|---:|---:|---:|---|---|"]
   for r in rows:
     top1 = f"{r['paper_top1']:.1f}" if r["paper_top1"] else "-"
-    lines.append(f"| `{r['name']}` | {r['family']} | {r['params']:,} | {r['gmacs']:.2f} | {top1} | {r['golden']} |")
+    lines.append(f"| `{r['name']}` | {r['family']} | {r['params']:,} | {r['gmacs']:.2f} | {top1} | {r['weights']} "
+                 f"| {r['golden']} |")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text("\n".join(lines) + "\n")

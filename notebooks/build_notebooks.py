@@ -87,13 +87,22 @@ def install(extras: str, *, clone: bool) -> object:
               subprocess.run(["git", "clone", "-q", REPO_URL, str(REPO_DIR)], check=True)
               subprocess.run(["git", "-C", str(REPO_DIR), "checkout", "-q", REPO_REF], check=True)
       if importlib.util.find_spec("vit_jax_fix") is None:
-          # Pinned dependencies come from the repository's setup.cfg.
+          # setup.cfg declares version ranges: the runtime's own JAX (with its TPU/GPU plugin) and TensorFlow
+          # stay when they are recent enough.
+          from importlib.metadata import PackageNotFoundError, version
+
+          def installed(package):
+              try:
+                  return version(package)
+              except PackageNotFoundError:
+                  return None
+
+          jax_before = installed("jax")
           subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"{local}"], check=True)
-          if IN_COLAB:
-              # Colab's JAX is replaced by the pinned CPU build above; add the accelerator plugin of the same
+          jax_version = installed("jax")
+          if IN_COLAB and jax_version != jax_before:
+              # pip had to upgrade an older runtime JAX (to a CPU build): add the accelerator plugin of the new
               # version for a TPU or GPU runtime (Runtime > Change runtime type).
-              from importlib.metadata import version
-              jax_version = version("jax")
               if os.path.exists("/dev/accel0") or os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_ACCELERATOR_TYPE"):
                   subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"jax[tpu]=={{jax_version}}"], check=True)
               elif shutil.which("nvidia-smi"):
@@ -112,7 +121,7 @@ def install(extras: str, *, clone: bool) -> object:
 
       IN_COLAB = "google.colab" in sys.modules
       if importlib.util.find_spec("vit_jax_fix") is None:
-          # Pinned dependencies (jax, flax, torch, timm, ...) come from the repository's setup.cfg.
+          # setup.cfg declares version ranges: the runtime's JAX, TensorFlow and torch stay when recent enough.
           subprocess.run([sys.executable, "-m", "pip", "install", "-q",
                           f"{spec} @ git+{{REPO_URL}}@{{REPO_REF}}"], check=True)
           print("installed; if pip replaced a package this session had already imported, restart the session "
@@ -370,8 +379,9 @@ def train_colab():
       (`sharding.maybe_initialize_distributed()`, then `train_and_evaluate(config, workdir)`), on every device
       of the runtime, with checkpoints, metrics and TensorBoard in the workdir.
 
-      * Pick the runtime first: Runtime > Change runtime type > TPU (or a GPU). The install cell adds the
-        matching JAX plugin.
+      * Pick the runtime first: Runtime > Change runtime type > TPU (or a GPU). The install cell keeps the
+        runtime's JAX when it is recent enough (else it adds the matching plugin). On TPU and GPU the model
+        computes in bfloat16 with float32 parameters (`config.model.overrides.dtype = "bfloat16"`).
       * Keep the workdir on Google Drive (`USE_DRIVE`): after a runtime restart or disconnect, run all cells
         again and training resumes from the last checkpoint (parameters, optimizer, EMA, data position).
       * The `demo` argument of every config trains a small model of the same family on the embedded MNIST-5k
@@ -419,6 +429,10 @@ def train_colab():
           config.mesh.fsdp = FSDP
           if config.batch_size % jax.device_count():
               raise ValueError(f"batch_size {config.batch_size} must be divisible by the {jax.device_count()} devices")
+          if jax.default_backend() in ("tpu", "gpu"):
+              # Mixed precision: bf16 compute, fp32 parameters and optimizer state (norms and softmax in fp32).
+              # The command-line form: --config.model.overrides.dtype=bfloat16
+              config.model.overrides.dtype = "bfloat16"
           if SMALL:
               config.model.overrides.update(embed_dim=64, depth=2, num_heads=2)
               config.batch_size = 32

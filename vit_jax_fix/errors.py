@@ -51,6 +51,10 @@ class MissingFileError(UserError, FileNotFoundError):
   """A file or directory the command needs is not there (weights, checkpoint, config file)."""
 
 
+class MissingDependencyError(UserError, ImportError):
+  """An optional package the command needs is not installed (TensorFlow for the input pipeline, torch)."""
+
+
 class BadFileError(UserError, ValueError):
   """A file that is there but is not what the command needs: another model's checkpoint, a weights file
   without the expected entries, an npz of another architecture."""
