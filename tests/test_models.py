@@ -269,6 +269,22 @@ def test_bf16_compute_close_to_fp32():
   assert 0 < err < 0.1 * float(jnp.max(jnp.abs(ref))) + 0.05
 
 
+@pytest.mark.parametrize("scan_blocks", [True, False])
+def test_bf16_residual_stream_keeps_its_dtype(scan_blocks):
+  """dtype given by name (as a config holds it); LayerScale and FeatScale gains are fp32 parameters and must
+  not promote the residual stream: every block returns bf16, also under lax.scan (whose carry cannot change
+  dtype), and the result stays close to fp32."""
+  kw = dict(TINY, depth=3, layer_scale=1e-1, feat_scale="double", scan_blocks=scan_blocks)
+  model = vit_jax_fix.create_model("deit_small_patch16_224", **kw)
+  low = vit_jax_fix.create_model("deit_small_patch16_224", **kw, dtype="bfloat16")
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  model.eval(), low.eval()
+  out, inter = low(x, return_intermediates=True)
+  assert {t.dtype for t in inter["tokens"]} == {jnp.dtype(jnp.bfloat16)}
+  ref = model(x)
+  assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 0.1 * float(jnp.max(jnp.abs(ref))) + 0.05
+
+
 def test_create_model_under_eval_shape_allocates_nothing():
   model = nnx.eval_shape(lambda: vit_jax_fix.create_model("deit_base_patch16_224"))
   leaf = jax.tree.leaves(nnx.state(model))[0]
