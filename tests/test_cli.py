@@ -135,3 +135,20 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_user_errors(monkeypatch, caps
   monkeypatch.setenv(errors.DEBUG_ENV, "1")
   with pytest.raises(errors.MissingFileError):
     errors.exit_on_user_error(user)()
+
+
+def test_convert_and_diagnose_report_user_errors(tmp_path, capsys, monkeypatch):
+  """The tools' mains: a misspelt model argument (diagnose) and a missing weights file (convert) are one line
+  on stderr and exit 2 / 1, not a TypeError or FileNotFoundError traceback."""
+  from vit_jax_fix import convert, diagnose
+  monkeypatch.delenv(errors.DEBUG_ENV, raising=False)
+  with pytest.raises(SystemExit) as e:
+    diagnose.main(["--model", "deit_tiny_patch16_224:img_size=32,patch_size=8,depht=2", "--out", str(tmp_path)])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and "diagnose: error:" in err and "Did you mean 'depth'" in err
+  assert "Traceback" not in err
+  with pytest.raises(SystemExit) as e:
+    convert.main(["from-torch", "--name", "deit_tiny_patch16_224", "--weights", str(tmp_path / "nope.pth"),
+                  "--out", str(tmp_path / "out")])
+  err = capsys.readouterr().err
+  assert e.value.code == 1 and err.startswith("convert: error: no such weights file")
