@@ -17,7 +17,11 @@ image_key, label_key 'image', 'label'              feature names in the tfds dat
 image_size           224                           square train/eval resolution
 num_classes          None                          None: from the dataset's label feature
 interpolation        None                          'bicubic' | 'bilinear' | 'random' (train: RRC and RandAugment's
-                                                   geometric ops, as timm); None: model default
+                                                   geometric ops, as timm); None: model default. The eval resize
+                                                   is PIL's exactly for bicubic/bilinear ('random' evaluates
+                                                   bilinear): with the accurate-DCT JPEG decode the eval pixels
+                                                   equal torchvision's/timm's. 'nearest', 'area', 'lanczos3':
+                                                   tf.image.resize (close to PIL, not equal)
 crop_pct             None                          eval resize = floor(size / crop_pct); None: model default
 mean, std            None                          normalization (0-1 scale); None: model default (ImageNet)
 augment              'deit'                        'deit' (RRC, flip, RandAugment, erasing), '3aug' (DeiT III),
