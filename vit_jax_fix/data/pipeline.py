@@ -86,6 +86,7 @@ import tensorflow_datasets as tfds
 from vit_jax_fix.data import randaugment
 from vit_jax_fix.data import sources
 from vit_jax_fix.data import transforms as T
+from vit_jax_fix.errors import ConfigError
 
 FALLBACK_MODEL_DEFAULTS = dict(mean=T.IMAGENET_MEAN, std=T.IMAGENET_STD, crop_pct=0.875, interpolation="bicubic")
 AUGMENTS = ("deit", "3aug", "none")
@@ -139,7 +140,7 @@ def _resolve(data_cfg, model_defaults=None) -> ml_collections.ConfigDict:
   cfg = default_data_config()
   unknown = set(data_cfg.keys()) - set(cfg.keys())
   if unknown:
-    raise ValueError(f"Unknown data config key(s) {sorted(unknown)}; valid keys: {sorted(cfg.keys())}.")
+    raise ConfigError(f"Unknown data config key(s) {sorted(unknown)}; valid keys: {sorted(cfg.keys())}.")
   cfg = ml_collections.ConfigDict(cfg.to_dict())  # plain copy so None can be overwritten by any type
   for k, v in data_cfg.items():
     cfg[k] = v
@@ -149,19 +150,22 @@ def _resolve(data_cfg, model_defaults=None) -> ml_collections.ConfigDict:
       cfg[k] = md[k]
   cfg.mean, cfg.std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
   if len(cfg.mean) != 3 or len(cfg.std) != 3:
-    raise ValueError(f"data.mean and data.std need 3 values (RGB); got {cfg.mean} and {cfg.std}.")
+    raise ConfigError(f"data.mean and data.std need 3 values (RGB); got {cfg.mean} and {cfg.std}.")
   if cfg.augment not in AUGMENTS:
-    raise ValueError(f"data.augment={cfg.augment!r}: use one of {AUGMENTS}.")
+    raise ConfigError(f"data.augment={cfg.augment!r}: use one of {AUGMENTS}.")
   if cfg.interpolation not in INTERPOLATIONS:
-    raise ValueError(f"data.interpolation={cfg.interpolation!r}: use one of {INTERPOLATIONS}.")
+    raise ConfigError(f"data.interpolation={cfg.interpolation!r}: use one of {INTERPOLATIONS}.")
   if not 0 < cfg.crop_pct <= 1:
-    raise ValueError(f"data.crop_pct={cfg.crop_pct} must be in (0, 1].")
+    raise ConfigError(f"data.crop_pct={cfg.crop_pct} must be in (0, 1].")
   if int(cfg.repeated_aug) < 1:
-    raise ValueError(f"data.repeated_aug={cfg.repeated_aug} must be >= 1 (1 = off).")
+    raise ConfigError(f"data.repeated_aug={cfg.repeated_aug} must be >= 1 (1 = off).")
   if cfg.repeated_aug_scope not in REPEAT_SCOPES:
-    raise ValueError(f"data.repeated_aug_scope={cfg.repeated_aug_scope!r}: use one of {REPEAT_SCOPES}.")
+    raise ConfigError(f"data.repeated_aug_scope={cfg.repeated_aug_scope!r}: use one of {REPEAT_SCOPES}.")
   if cfg.rand_augment:
-    randaugment.parse_config(cfg.rand_augment)  # fail early on a bad string
+    try:
+      randaugment.parse_config(cfg.rand_augment)  # fail early on a bad string
+    except ValueError as e:
+      raise ConfigError(f"data.rand_augment: {e}") from None
   return cfg
 
 
