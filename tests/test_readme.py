@@ -1,4 +1,4 @@
-"""Every command in README.md is exercised: the set-up commands by CI (`.ci/run` runs the test command and
+"""Every command in README.md (and the docs/ pages it links) is exercised: the set-up commands by CI (`.ci/run` runs the test command and
 the main job), the library's CLIs by their own end-to-end tests, and here each command line the README shows,
 in code blocks and in the prose alike, is parsed exactly as written: main.py's through main.py's own flag
 parser (config files, config arguments and `--config.*` overrides loaded and validated), the tools' through
@@ -15,6 +15,8 @@ from vit_jax_fix.train import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+# The README's commands and those of the pages it links for the long explanations.
+DOCS = "\n".join([README] + [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))])
 PLACEHOLDER_VALUES = {"N": "1", "K": "1"}   # `--config.diagnostics.every_steps=N` in the prose
 
 
@@ -22,7 +24,7 @@ def readme_commands() -> list[str]:
   """`python ...` command lines of the README: bash blocks (continuation lines joined, comments dropped) and
   inline code spans of the prose."""
   commands = []
-  blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+  blocks = re.findall(r"```bash\n(.*?)```", DOCS, flags=re.S)
   for block in blocks:
     block = block.replace("\\\n", " ")
     for line in block.splitlines():
@@ -31,14 +33,14 @@ def readme_commands() -> list[str]:
         part = part.strip()
         if part.startswith("python "):
           commands.append(part)
-  prose = re.sub(r"```.*?```", "", README, flags=re.S)
+  prose = re.sub(r"```.*?```", "", DOCS, flags=re.S)
   commands += [c.strip() for c in re.findall(r"`(python [^`]+)`", prose)]
   return commands
 
 
 def readme_override_fragments() -> list[str]:
   """Inline code spans of the prose made only of `--config.KEY=VALUE` overrides."""
-  prose = re.sub(r"```.*?```", "", README, flags=re.S)
+  prose = re.sub(r"```.*?```", "", DOCS, flags=re.S)
   spans = re.findall(r"`([^`]+)`", prose)
   return [s for s in spans if all(t.startswith("--config.") for t in s.split()) and "KEY=VALUE" not in s]
 
@@ -67,7 +69,7 @@ def test_readme_has_the_two_setup_commands_and_ci_runs_them():
 
 def test_prose_commands_are_collected():
   """The collector sees the prose: every inline `python ...` span of the README is among COMMANDS."""
-  inline = re.findall(r"`(python [^`]+)`", re.sub(r"```.*?```", "", README, flags=re.S))
+  inline = re.findall(r"`(python [^`]+)`", re.sub(r"```.*?```", "", DOCS, flags=re.S))
   assert inline and all(c.strip() in COMMANDS for c in inline)
   assert FRAGMENTS, "the README shows --config.* overrides in its prose"
 
