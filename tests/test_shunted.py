@@ -14,7 +14,7 @@ from flax import nnx
 
 from vit_jax_fix.interop import torch_keys
 from vit_jax_fix.interop.official import official_overrides
-from vit_jax_fix.models import shunted
+from vit_jax_fix.models import layers, shunted
 from vit_jax_fix.models.registry import count_params, create_model, get_spec
 from tests.testdata import STATE_DICTS
 
@@ -105,20 +105,30 @@ def test_official_overrides():
   assert out["norm_eps"] == 1e-6 and out["num_conv"] == 1 and out["depths"] == [1, 1, 2, 1]
   assert out["embed_dims"] == [64, 32, 48, 64] and out["num_classes"] == 10 and out["qkv_bias"] is True
   # Arguments not given take the official *class* defaults (not the registered name's).
-  bare = shunted.official_overrides()
+  bare = official_overrides("shunted_t")
   assert bare["qkv_bias"] is False and bare["norm_eps"] == 1e-5 and bare["num_heads"] == [1, 2, 4, 8]
   assert bare["depths"] == [3, 4, 6, 3] and bare["mlp_ratios"] == [4, 4, 4, 4] and bare["num_conv"] == 0
-  assert shunted.official_overrides(num_stages=3)["depths"] == [3, 4, 6]
+  assert official_overrides("shunted_t", num_stages=3)["depths"] == [3, 4, 6]
   with pytest.raises(TypeError, match="embed_dim"):
-    shunted.official_overrides(embed_dim=64)
+    official_overrides("shunted_t", embed_dim=64)
   with pytest.raises(ValueError, match="norm_layer"):
-    shunted.official_overrides(norm_layer={"$partial": "torch.nn.BatchNorm2d"})
+    official_overrides("shunted_t", norm_layer={"$partial": "torch.nn.BatchNorm2d"})
+  assert official_overrides("shunted_t", norm_layer={"$module_attr": "torch.nn.LayerNorm"})["norm_eps"] == 1e-5
   # The official constructor of shunted_t with its own arguments builds exactly the registered shunted_t.
   official_t = dict(patch_size=4, embed_dims=[64, 128, 256, 512], num_heads=[2, 4, 8, 16], mlp_ratios=[8, 8, 4, 4],
                     qkv_bias=True, norm_layer={"$partial": "torch.nn.LayerNorm", "kwargs": {"eps": 1e-6}},
                     depths=[1, 2, 4, 1], sr_ratios=[8, 4, 2, 1], num_conv=0)
-  m = nnx.eval_shape(lambda: create_model("shunted_t", **shunted.official_overrides(**official_t)))
+  m = nnx.eval_shape(lambda: create_model("shunted_t", **official_overrides("shunted_t", **official_t)))
   assert count_params(m) == 11_553_576
+
+
+def test_convs_take_the_official_init():
+  """layers.conv with Shunted's init: kernel N(0, sqrt(2 / fan_out)), fan_out = k^2 C_out / groups; bias zero."""
+  attn = shunted.ShuntedAttention(64, 2, 8, rngs=nnx.Rngs(0))
+  for conv, fan_out in ((attn.sr1, 8 * 8 * 64), (attn.sr2, 4 * 4 * 64), (attn.local_conv1, 3 * 3 * 32 // 32)):
+    kernel = np.asarray(conv.kernel[...])
+    assert abs(kernel.std() / math.sqrt(2.0 / fan_out) - 1) < 0.1, conv
+    assert not np.asarray(conv.bias[...]).any()
 
 
 def test_invalid_configurations():
@@ -199,15 +209,15 @@ def test_depthwise_conv_shifted_sum_equals_the_grouped_convolution(shape, kernel
   as XLA's grouped convolution, with and without bias, any kernel size and padding."""
   c = shape[-1]
   for bias in (True, False):
-    conv = shunted._conv(c, c, kernel, 1, pad, groups=c, use_bias=bias, rngs=nnx.Rngs(0))
-    assert isinstance(conv, shunted.DepthwiseConv) and isinstance(conv, nnx.Conv)   # interop sees an nnx.Conv
+    conv = layers.conv(c, c, kernel, 1, pad, groups=c, use_bias=bias, rngs=nnx.Rngs(0))
+    assert isinstance(conv, layers.DepthwiseConv) and isinstance(conv, nnx.Conv)   # interop sees an nnx.Conv
     if bias:
       conv.bias.set_value(jax.random.normal(jax.random.key(2), (c,)))
     graphdef, params = nnx.split(conv)
     x = jax.random.normal(jax.random.key(1), shape)
 
     def run(impl):
-      monkeypatch.setitem(shunted.DEPTHWISE_IMPL, jax.default_backend(), impl)
+      monkeypatch.setitem(layers.DEPTHWISE_IMPL, jax.default_backend(), impl)
       f = lambda p, x: nnx.merge(graphdef, p)(x)
       out = jax.jit(f)(params, x)
       grads = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(f(p, x))), argnums=(0, 1)))(params, x)

@@ -4,7 +4,12 @@
 class or constructor exactly as the golden JSON files write them (`constructor.kwargs`), including list-valued
 arguments (DeepViT's per-block flags, EViT's per-block keep rates, Shunted's per-stage lists) and the
 `{'$partial': 'torch.nn.LayerNorm', 'kwargs': {'eps': 1e-6}}` / `{'$module_attr': 'Name'}` encodings.
-Arguments are translated to our clean names per family; an official argument we do not know is an error.
+
+Every family is translated the same way, by three tables: `_FAMILY[family]` maps each official argument to
+our clean names (an official argument not in it is an error), `_OFFICIAL_DEFAULTS[family]` holds the official
+class's defaults where our registered names differ (so that arguments left out build what the official class
+builds), and `_FINALIZE[family]` adjusts arguments that only make sense together (EViT's keep rates,
+Shunted's `num_stages`).
 """
 from __future__ import annotations
 
@@ -13,10 +18,17 @@ from typing import Any, Callable
 from vit_jax_fix.models.registry import create_model, get_spec
 
 
+_LAYER_NORM = ("torch.nn.LayerNorm", "nn.LayerNorm")
+
+
 def _norm_layer(v):
-  if isinstance(v, dict) and v.get("$partial") in ("torch.nn.LayerNorm", "nn.LayerNorm"):
+  # functools.partial(LayerNorm, eps=...), or the class itself (torch's default eps 1e-5).
+  if isinstance(v, dict) and v.get("$partial") in _LAYER_NORM:
     return {"norm_eps": float(v.get("kwargs", {}).get("eps", 1e-5))}
-  raise ValueError(f"norm_layer={v!r}: only functools.partial(torch.nn.LayerNorm, eps=...) is supported")
+  if isinstance(v, dict) and v.get("$module_attr") in _LAYER_NORM + ("LayerNorm",):
+    return {"norm_eps": 1e-5}
+  raise ValueError(f"norm_layer={v!r}: only torch.nn.LayerNorm or functools.partial(torch.nn.LayerNorm, "
+                   f"eps=...) is supported")
 
 
 def _same(name):
@@ -55,7 +67,8 @@ def _block_layers(family):
   return check
 
 
-_COMMON: dict[str, Callable[[Any], dict]] = {
+# The arguments every ViT family's official class shares (timm's VisionTransformer lineage).
+_VIT: dict[str, Callable[[Any], dict]] = {
     "img_size": _same("img_size"), "patch_size": _same("patch_size"), "in_chans": _same("in_chans"),
     "num_classes": _same("num_classes"), "embed_dim": _same("embed_dim"), "depth": _depth,
     "num_heads": _same("num_heads"), "mlp_ratio": _same("mlp_ratio"), "qkv_bias": _same("qkv_bias"),
@@ -64,21 +77,21 @@ _COMMON: dict[str, Callable[[Any], dict]] = {
 }
 
 _FAMILY: dict[str, dict[str, Callable[[Any], dict]]] = {
-    "deit": {"representation_size": _only(None, "representation_size"),
+    "deit": {**_VIT, "representation_size": _only(None, "representation_size"),
              "hybrid_backbone": _only(None, "hybrid_backbone")},
-    "ao": {"representation_size": _only(None, "representation_size"),
+    "ao": {**_VIT, "representation_size": _only(None, "representation_size"),
            "hybrid_backbone": _only(None, "hybrid_backbone")},
-    "deit3": {"block_layers": _block_layers("deit3"), "init_scale": _same("layer_scale"),
+    "deit3": {**_VIT, "block_layers": _block_layers("deit3"), "init_scale": _same("layer_scale"),
               "drop_block_rate": _only(None, "drop_block_rate"), "dpr_constant": _ignored,
               "global_pool": _only(None, "global_pool")},
-    "cait": {"block_layers": _block_layers("cait"), "init_scale": _same("layer_scale"),
+    "cait": {**_VIT, "block_layers": _block_layers("cait"), "init_scale": _same("layer_scale"),
              "depth_token_only": _same("class_attn_depth"), "mlp_ratio_clstk": _only(4.0, "mlp_ratio_clstk"),
              "representation_size": _only(None, "representation_size"),
              "hybrid_backbone": _only(None, "hybrid_backbone")},
-    "augvit": {"mode": lambda v: {"aug_shortcut": None if v == "base" else v}, "num_cir": _same("num_cir"),
+    "augvit": {**_VIT, "mode": lambda v: {"aug_shortcut": None if v == "base" else v}, "num_cir": _same("num_cir"),
                "representation_size": _only(None, "representation_size"),
                "hybrid_backbone": _only(None, "hybrid_backbone")},
-    "deepvit": {"apply_transform": lambda v: {"reattention": [bool(x) for x in v]},
+    "deepvit": {**_VIT, "apply_transform": lambda v: {"reattention": [bool(x) for x in v]},
                 "transform_scale": _same("reattention_scale"),
                 "use_cnn_embed": lambda v: {"stem": "cnn" if v else "patch"},
                 "scale_adjustment": _same("scale_adjustment"),
@@ -87,38 +100,70 @@ _FAMILY: dict[str, dict[str, Callable[[Any], dict]]] = {
                 "re_atten": _only(True, "re_atten"), "cos_reg": _ignored,
                 "representation_size": _only(None, "representation_size"),
                 "hybrid_backbone": _only(None, "hybrid_backbone")},
-    "evit": {"keep_rate": _keep_rate, "fuse_token": _same("fuse_token"),
+    "evit": {**_VIT, "keep_rate": _keep_rate, "fuse_token": _same("fuse_token"),
              "base_keep_rate": lambda v: {"keep_rate": float(v)}, "drop_loc": lambda v: {
                  "keep_rate_blocks": tuple(v)},
              "representation_size": _only(None, "representation_size"),
              "distilled": _only(False, "distilled")},
+    # OliverRensu/Shunted-Transformer SSA.py `ShuntedTransformer`: per-stage lists under the same names;
+    # `num_stages` keeps the first entries of each list (see _first_stages); img_size and patch_size are
+    # accepted and unused, by the official class and ours.
+    "shunted": {**{k: _same(k) for k in (
+        "img_size", "patch_size", "in_chans", "num_classes", "embed_dims", "num_heads", "mlp_ratios", "depths",
+        "sr_ratios", "num_conv", "qkv_bias", "qk_scale", "drop_rate", "attn_drop_rate", "drop_path_rate",
+        "num_stages")}, "norm_layer": _norm_layer},
 }
 
-# Defaults of the official class where our registered name differs (the name follows the training scripts).
-_OFFICIAL_DEFAULTS = {"evit": {"fuse_token": False}}
+
+# Defaults of the official class where our registered name differs (the name follows the training scripts or
+# the official constructors, which pass their own values). Shunted lists every per-stage argument, so that
+# `num_stages` can cut them.
+_OFFICIAL_DEFAULTS = {
+    "evit": {"fuse_token": False},
+    "shunted": dict(embed_dims=[64, 128, 256, 512], num_heads=[1, 2, 4, 8], mlp_ratios=[4, 4, 4, 4],
+                    depths=[3, 4, 6, 3], sr_ratios=[8, 4, 2, 1], num_stages=4, qkv_bias=False, num_conv=0,
+                    norm_eps=1e-5),
+}
 
 
-def official_overrides(name: str, **kwargs) -> dict:
-  """Translate official constructor arguments into `create_model` overrides for `name`."""
-  spec = get_spec(name)
-  family = spec.family
-  if family == "shunted":
-    from vit_jax_fix.models.shunted import official_overrides as shunted_overrides
-    return shunted_overrides(**kwargs)
-  table = {**_COMMON, **_FAMILY.get(family, {})}
-  out = dict(_OFFICIAL_DEFAULTS.get(family, {}))
-  unknown = [k for k in kwargs if k not in table]
-  if unknown:
-    raise TypeError(f"official constructor of {name!r} ({spec.source}): unknown argument(s) {unknown}; "
-                    f"known: {sorted(table)}")
-  for key, value in kwargs.items():
-    out.update(table[key](value))
-  if family == "evit" and "keep_rate" in out and isinstance(out["keep_rate"], list):
+def _evit_keep_rates(out: dict) -> dict:
+  if isinstance(out.get("keep_rate"), list):
     # A per-block list is complete on its own (1 = no reorganisation).
     out["keep_rate_blocks"] = None
     if len(out["keep_rate"]) == 1:
       out["keep_rate"] = out["keep_rate"][0]
   return out
+
+
+_PER_STAGE = ("embed_dims", "num_heads", "mlp_ratios", "depths", "sr_ratios")
+
+
+def _first_stages(out: dict) -> dict:
+  # The official class loops over range(num_stages) and indexes the per-stage lists: longer lists are cut.
+  n = int(out.pop("num_stages"))
+  for k in _PER_STAGE:
+    if len(out[k]) < n:
+      raise ValueError(f"official argument {k}={out[k]!r} has fewer than num_stages={n} entries")
+    out[k] = list(out[k][:n])
+  return out
+
+
+_FINALIZE: dict[str, Callable[[dict], dict]] = {"evit": _evit_keep_rates, "shunted": _first_stages}
+
+
+def official_overrides(name: str, **kwargs) -> dict:
+  """Translate official constructor arguments into `create_model` overrides for `name` (module docstring)."""
+  spec = get_spec(name)
+  family = spec.family
+  table = _FAMILY.get(family, _VIT)
+  unknown = [k for k in kwargs if k not in table]
+  if unknown:
+    raise TypeError(f"official constructor of {name!r} ({spec.source}): unknown argument(s) {unknown}; "
+                    f"known: {sorted(table)}")
+  out = dict(_OFFICIAL_DEFAULTS.get(family, {}))
+  for key, value in kwargs.items():
+    out.update(table[key](value))
+  return _FINALIZE.get(family, dict)(out)
 
 
 def from_official_constructor(name: str, *, rngs=None, seed: int = 0, overrides: dict | None = None,

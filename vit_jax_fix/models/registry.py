@@ -9,14 +9,15 @@ An unknown override is an error that names the nearest valid one.
 Each entry also carries the preprocessing defaults of its family (mean/std, crop_pct, interpolation) so
 that the input pipeline and the PyTorch exporter read them from one place, and, where the authors released
 weights, where to get them (`Weights`: URL from the authors' README, file name, key layout, sha256 or its
-prefix; the table is at the end of `zoo.py`, the downloader is `vit_jax_fix.interop.weights`):
+prefix; the table is at the end of `zoo.py`, the downloader is `vit_jax_fix.interop.weights`). Layers, one
+way: `spec.py` (the table and its entry types) <- `zoo.py` (every family's names, filled in at import) <- this
+module (look-up and construction):
 
     model = create_model('deit_small_patch16_224', pretrained=True)      # the authors' weights, by name
     model = create_model('deit_small_patch16_224', pretrained='/path/or/https/url.pth')
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import inspect
 from typing import Any, Callable
@@ -24,92 +25,29 @@ from typing import Any, Callable
 from flax import nnx
 
 from vit_jax_fix import errors
+# The table and its entry types live in `spec`; importing the zoo fills it with every family's names.
+from vit_jax_fix.models import zoo  # noqa: F401
+from vit_jax_fix.models.spec import (BROWSER_HOSTS, HALF, IMAGENET_MEAN, IMAGENET_STD, SPECS, ModelSpec,  # noqa: F401
+                                     Weights, register, register_weights)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-HALF = (0.5, 0.5, 0.5)
-
-
-# Hosts whose links open a web page (sign-in, virus-scan or captcha interstitials), not the file itself.
-BROWSER_HOSTS = ("drive.google.com", "docs.google.com", "pan.baidu.com")
-
-
-@dataclasses.dataclass(frozen=True)
-class Weights:
-  """Released weights of one registered name (one row of the weights table in `zoo.py`)."""
-  url: str                          # as the authors publish it (README, or code: see `source`)
-  file_name: str                    # name in the cache and in a mirror (for browser links: save it so)
-  layout: str = "official"          # torch key layout, as `interop.checkpoint_io.load_torch(layout=...)`
-  sha256: str = ""                  # full hex digest, or the prefix a torch.hub file name carries ('-a1311bcf')
-  source: str = ""                  # where the URL is published
-  note: str = ""                    # what a user must know (keep rate, pickled args, dead link, ...)
-
-  @property
-  def needs_browser(self) -> bool:
-    """Google Drive / Baidu links cannot be fetched by a script: the file is downloaded by hand."""
-    from urllib.parse import urlparse
-    return urlparse(self.url).hostname in BROWSER_HOSTS
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  name: str
-  family: str                       # key-map family for interop: deit, deit3, cait, augvit, deepvit, ao, evit, shunted
-  builder: Callable[..., nnx.Module]
-  kwargs: dict
-  mean: tuple = IMAGENET_MEAN
-  std: tuple = IMAGENET_STD
-  crop_pct: float = 0.875
-  interpolation: str = "bicubic"
-  paper_top1: float | None = None   # ImageNet-1k top-1 reported by the authors (see README for sources)
-  source: str = ""                  # official repository :: constructor
-  weights: Weights | None = None    # the authors' released weights, if any (table at the end of zoo.py)
-
-  def preprocessing(self) -> dict:
-    return dict(mean=self.mean, std=self.std, crop_pct=self.crop_pct, interpolation=self.interpolation)
-
-
-_REGISTRY: dict[str, ModelSpec] = {}
-
-
-def register(name: str, family: str, builder: Callable, kwargs: dict, **spec_fields) -> None:
-  if name in _REGISTRY:
-    raise ValueError(f"model {name!r} is registered twice")
-  _REGISTRY[name] = ModelSpec(name, family, builder, dict(kwargs), **spec_fields)
-
-
-def register_weights(name: str, weights: Weights) -> None:
-  """Attach the released weights of a registered name (the weights table at the end of `zoo.py`)."""
-  if name not in _REGISTRY:
-    raise KeyError(f"weights for {name!r}: no such registered model")
-  if weights.layout not in ("official", "timm"):
-    raise ValueError(f"weights for {name!r}: layout must be 'official' or 'timm', got {weights.layout!r}")
-  _REGISTRY[name] = dataclasses.replace(_REGISTRY[name], weights=weights)
+_REGISTRY = SPECS   # the same dict, under its former name
 
 
 def pretrained_models() -> list[str]:
   """Registered names whose authors released weights (downloadable, or by hand for browser links)."""
-  _ensure_loaded()
-  return sorted(n for n, s in _REGISTRY.items() if s.weights is not None)
-
-
-def _ensure_loaded():
-  # Importing the family modules registers their names.
-  from vit_jax_fix.models import zoo  # noqa: F401
+  return sorted(n for n, s in SPECS.items() if s.weights is not None)
 
 
 def list_models() -> list[str]:
-  _ensure_loaded()
-  return sorted(_REGISTRY)
+  return sorted(SPECS)
 
 
 def get_spec(name: str) -> ModelSpec:
-  _ensure_loaded()
-  if name not in _REGISTRY:
-    close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
+  if name not in SPECS:
+    close = difflib.get_close_matches(name, SPECS, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else " See vit_jax_fix.list_models()."
     raise errors.ConfigKeyError(f"unknown model name {name!r}.{hint}")
-  return _REGISTRY[name]
+  return SPECS[name]
 
 
 def model_defaults(name: str) -> dict:

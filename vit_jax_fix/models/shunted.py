@@ -20,6 +20,9 @@ Attribute names mirror the official state_dict keys (`patch_embed1.conv.0`, `blo
 the official class (identical when the official arguments are used): any even sr_ratio r > 1 (official:
 8, 4, 2), any number of stages, `in_chans`, and a stage-1 width other than 64 (the official stem is
 hard-wired to 64 channels; here the stem convs stay 64 wide and the 2x2 conv maps to `embed_dims[0]`).
+
+This module defines the model only: its names are registered in `zoo.py`, the official constructor's
+arguments are translated in `vit_jax_fix.interop.official`, like every other family.
 """
 from __future__ import annotations
 
@@ -32,62 +35,16 @@ import numpy as np
 from flax import nnx
 
 from vit_jax_fix.models import layers
-from vit_jax_fix.models.registry import register
 
 STEM_WIDTH = 64
-REFERENCE = "OliverRensu/Shunted-Transformer SSA.py"
 
 
-def _conv_init(kernel: int, dout: int, groups: int = 1):
-  """Official init: N(0, sqrt(2 / fan_out)) with fan_out = k^2 * C_out / groups."""
+def _init(kernel: int, dout: int, groups: int = 1) -> dict:
+  """The official init of every Shunted conv, as `layers.conv` arguments: kernel N(0, sqrt(2 / fan_out)) with
+  fan_out = k^2 * C_out / groups, bias zero (created zero rather than overwritten: eval_shape stays cheap)."""
   fan_out = kernel * kernel * dout // groups
-  return nnx.initializers.normal(stddev=math.sqrt(2.0 / fan_out))
-
-
-# How a stride-1 depthwise conv runs, per backend: XLA:CPU's grouped convolution is about 10x slower than the
-# same sum written as k*k shifted multiply-adds, forward and backward (8 x 56 x 56 x 512, 3x3: 509 vs 41 ms
-# forward, 3330 vs 316 ms with gradients; outputs equal to float rounding; shunted_t train step 10.6 vs 2.3 s
-# at batch 8). A hand-written backward (flipped-kernel sum for the input, one reduction per tap for the
-# kernel) was 2x faster alone but 18% slower inside the model, so autodiff stays. Other backends keep the
-# convolution (unmeasured there).
-DEPTHWISE_IMPL = {"cpu": "shifted"}
-
-
-class DepthwiseConv(nnx.Conv):
-  """A stride-1 depthwise nnx.Conv (same parameters, so the same state-dict layout) that can compute the
-  convolution as a sum of k*k shifted, per-channel-scaled copies of the padded input (`DEPTHWISE_IMPL`)."""
-
-  def __call__(self, x, out_sharding=None):
-    if out_sharding is not None or DEPTHWISE_IMPL.get(jax.default_backend(), "conv") != "shifted":
-      return super().__call__(x, out_sharding=out_sharding)
-    kernel = self.kernel[...]                               # (kh, kw, 1, C)
-    dtype = self.dtype or jnp.result_type(x, kernel)
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-    acc = jnp.promote_types(dtype, jnp.float32)            # bf16 inputs: accumulate in f32, as the conv does
-    (pt, pb), (pl, pr) = self.padding
-    kh, kw = self.kernel_size
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-    out = None
-    for i in range(kh):
-      for j in range(kw):
-        term = xp[:, i:i + ho, j:j + wo, :].astype(acc) * kernel[i, j, 0].astype(acc)
-        out = term if out is None else out + term
-    if self.bias is not None:
-      out = out + self.bias[...].astype(acc)
-    return out.astype(dtype)
-
-
-def _conv(din: int, dout: int, kernel: int, stride: int = 1, padding: int = 0, *, rngs: nnx.Rngs,
-          groups: int = 1, use_bias: bool = True, dtype=None, precision=None) -> nnx.Conv:
-  """A Conv2d with PyTorch's explicit symmetric padding (as layers.conv) and the official Shunted init:
-  normal fan-out kernel, zero bias (created zero rather than overwritten, which keeps eval_shape cheap)."""
-  depthwise = groups == din == dout and stride == 1
-  return (DepthwiseConv if depthwise else nnx.Conv)(
-      din, dout, (kernel, kernel), (stride, stride), padding=((padding, padding),) * 2,
-      feature_group_count=groups, use_bias=use_bias, dtype=dtype,
-      kernel_init=_conv_init(kernel, dout, groups), bias_init=nnx.initializers.zeros_init(),
-      precision=precision, rngs=rngs)
+  return dict(kernel_init=nnx.initializers.normal(stddev=math.sqrt(2.0 / fan_out)),
+              bias_init=nnx.initializers.zeros_init())
 
 
 class ReLU(nnx.Module):
@@ -103,10 +60,12 @@ class Head(nnx.Module):
   def __init__(self, num_conv: int, in_chans: int, dim: int, *, rngs: nnx.Rngs, width: int = STEM_WIDTH,
                dtype=None, precision=None):
     kw = dict(rngs=rngs, dtype=dtype, precision=precision)
-    seq = [_conv(in_chans, width, 7, 2, 3, use_bias=False, **kw), layers.batch_norm(width, rngs=rngs), ReLU()]
+    seq = [layers.conv(in_chans, width, 7, 2, 3, use_bias=False, **kw, **_init(7, width)),
+           layers.batch_norm(width, rngs=rngs), ReLU()]
     for _ in range(num_conv):
-      seq += [_conv(width, width, 3, 1, 1, use_bias=False, **kw), layers.batch_norm(width, rngs=rngs), ReLU()]
-    seq.append(_conv(width, dim, 2, 2, 0, **kw))
+      seq += [layers.conv(width, width, 3, 1, 1, use_bias=False, **kw, **_init(3, width)),
+              layers.batch_norm(width, rngs=rngs), ReLU()]
+    seq.append(layers.conv(width, dim, 2, 2, 0, **kw, **_init(2, dim)))
     self.conv = nnx.List(seq)
     self.norm = layers.layer_norm(dim, 1e-5, rngs=rngs)
 
@@ -121,7 +80,7 @@ class OverlapPatchEmbed(nnx.Module):
   """Stages 2-4: conv 3x3 / 2, padding 1, then LayerNorm(eps 1e-5)."""
 
   def __init__(self, din: int, dim: int, *, rngs: nnx.Rngs, dtype=None, precision=None):
-    self.proj = _conv(din, dim, 3, 2, 1, rngs=rngs, dtype=dtype, precision=precision)
+    self.proj = layers.conv(din, dim, 3, 2, 1, rngs=rngs, dtype=dtype, precision=precision, **_init(3, dim))
     self.norm = layers.layer_norm(dim, 1e-5, rngs=rngs)
 
   def __call__(self, x):
@@ -134,7 +93,8 @@ class DWConv(nnx.Module):
   """Depthwise 3x3 conv on a token sequence laid out as an (H, W) map (`mlp.dwconv.dwconv`)."""
 
   def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype=None, precision=None):
-    self.dwconv = _conv(dim, dim, 3, 1, 1, groups=dim, rngs=rngs, dtype=dtype, precision=precision)
+    self.dwconv = layers.conv(dim, dim, 3, 1, 1, groups=dim, rngs=rngs, dtype=dtype, precision=precision,
+                              **_init(3, dim, dim))
 
   def __call__(self, x, hw):
     b, n, c = x.shape
@@ -179,18 +139,18 @@ class ShuntedAttention(nnx.Module):
         raise ValueError(f"shunted attention with sr_ratio {sr_ratio} > 1 needs an even sr_ratio and an even "
                          f"number of heads (two head groups at rates r and r/2), got {num_heads} heads")
       r = self.sr_ratio
-      self.sr1 = _conv(dim, dim, r, r, 0, **lin)
+      self.sr1 = layers.conv(dim, dim, r, r, 0, **lin, **_init(r, dim))
       self.norm1 = layers.layer_norm(dim, 1e-5, rngs=rngs)
-      self.sr2 = _conv(dim, dim, r // 2, r // 2, 0, **lin)
+      self.sr2 = layers.conv(dim, dim, r // 2, r // 2, 0, **lin, **_init(r // 2, dim))
       self.norm2 = layers.layer_norm(dim, 1e-5, rngs=rngs)
       self.kv1 = layers.linear(dim, dim, use_bias=qkv_bias, **lin)
       self.kv2 = layers.linear(dim, dim, use_bias=qkv_bias, **lin)
       half = dim // 2
-      self.local_conv1 = _conv(half, half, 3, 1, 1, groups=half, **lin)
-      self.local_conv2 = _conv(half, half, 3, 1, 1, groups=half, **lin)
+      self.local_conv1 = layers.conv(half, half, 3, 1, 1, groups=half, **lin, **_init(3, half, half))
+      self.local_conv2 = layers.conv(half, half, 3, 1, 1, groups=half, **lin, **_init(3, half, half))
     elif self.sr_ratio == 1:
       self.kv = layers.linear(dim, 2 * dim, use_bias=qkv_bias, **lin)
-      self.local_conv = _conv(dim, dim, 3, 1, 1, groups=dim, **lin)
+      self.local_conv = layers.conv(dim, dim, 3, 1, 1, groups=dim, **lin, **_init(3, dim, dim))
     else:
       raise ValueError(f"sr_ratio must be >= 1, got {sr_ratio}")
 
@@ -256,12 +216,7 @@ class ShuntedBlock(nnx.Module):
     return x, maps
 
 
-def _per_stage(value, n: int, name: str) -> tuple:
-  if isinstance(value, (list, tuple)):
-    if len(value) != n:
-      raise ValueError(f"{name} has {len(value)} entries but the model has {n} stages (len(depths))")
-    return tuple(value)
-  return (value,) * n
+_STAGES = "stages (len(depths))"
 
 
 class ShuntedTransformer(nnx.Module):
@@ -288,10 +243,10 @@ class ShuntedTransformer(nnx.Module):
     n = len(depths)
     if n < 1:
       raise ValueError("depths must have at least one stage")
-    dims = _per_stage(embed_dims, n, "embed_dims")
-    heads = _per_stage(num_heads, n, "num_heads")
-    mlps = _per_stage(mlp_ratios, n, "mlp_ratios")
-    srs = _per_stage(sr_ratios, n, "sr_ratios")
+    dims = layers.as_tuple(embed_dims, n, "embed_dims", _STAGES)
+    heads = layers.as_tuple(num_heads, n, "num_heads", _STAGES)
+    mlps = layers.as_tuple(mlp_ratios, n, "mlp_ratios", _STAGES)
+    srs = layers.as_tuple(sr_ratios, n, "sr_ratios", _STAGES)
     # Unused, as in the official class (kept hashable: static attributes key the jit caches).
     self.img_size = tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
     self.patch_size = patch_size
@@ -340,57 +295,3 @@ class ShuntedTransformer(nnx.Module):
     inter["pre_logits"] = pre_logits
     out = self.head(pre_logits) if self.head is not None else pre_logits
     return (out, inter) if return_intermediates else out
-
-
-# --- official constructor arguments -> our arguments (used by vit_jax_fix.interop.official)
-
-# Defaults of the official class `ShuntedTransformer.__init__` (they differ from the registered names: the
-# official constructors shunted_t/s/b pass their values explicitly, and so do the golden files).
-OFFICIAL_CLASS_DEFAULTS = dict(
-    embed_dims=[64, 128, 256, 512], num_heads=[1, 2, 4, 8], mlp_ratios=[4, 4, 4, 4], qkv_bias=False,
-    qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
-    norm_layer={"$partial": "torch.nn.LayerNorm", "kwargs": {}}, depths=[3, 4, 6, 3], sr_ratios=[8, 4, 2, 1],
-    num_stages=4, num_conv=0, num_classes=1000, in_chans=3)
-_SAME = ("embed_dims", "num_heads", "mlp_ratios", "depths", "sr_ratios", "num_conv", "qkv_bias", "qk_scale",
-         "num_classes", "in_chans", "drop_rate", "attn_drop_rate", "drop_path_rate", "img_size", "patch_size")
-_PER_STAGE = ("embed_dims", "num_heads", "mlp_ratios", "depths", "sr_ratios")
-
-
-def _norm_eps(v) -> float:
-  if isinstance(v, dict) and v.get("$partial") in ("torch.nn.LayerNorm", "nn.LayerNorm"):
-    return float(v.get("kwargs", {}).get("eps", 1e-5))
-  if isinstance(v, dict) and v.get("$module_attr") in ("torch.nn.LayerNorm", "nn.LayerNorm", "LayerNorm"):
-    return 1e-5
-  raise ValueError(f"norm_layer={v!r}: only torch.nn.LayerNorm or functools.partial(torch.nn.LayerNorm, "
-                   f"eps=...) is supported")
-
-
-def official_overrides(**kwargs) -> dict:
-  """Translate `ShuntedTransformer(**kwargs)` of the official SSA.py (as tests/data/golden/*.json write them) into
-  `create_model` overrides. Arguments not given take the official class defaults, so the result builds what
-  the official class builds. `norm_layer` (block and stage norms) becomes `norm_eps`; `num_stages` keeps the
-  first entries of the per-stage lists; `img_size` / `patch_size` are accepted and unused. An unknown
-  argument is a TypeError."""
-  known = set(_SAME) | {"norm_layer", "num_stages"}
-  unknown = sorted(k for k in kwargs if k not in known)
-  if unknown:
-    raise TypeError(f"official ShuntedTransformer ({REFERENCE}): unknown argument(s) {unknown}; "
-                    f"known: {sorted(known)}")
-  args = {**OFFICIAL_CLASS_DEFAULTS, **kwargs}
-  num_stages = int(args.pop("num_stages"))
-  out = {k: args[k] for k in _SAME if k in args}
-  for k in _PER_STAGE:
-    if len(out[k]) < num_stages:
-      raise ValueError(f"official argument {k}={out[k]!r} has fewer than num_stages={num_stages} entries")
-    out[k] = [x for x in out[k][:num_stages]]
-  out["norm_eps"] = _norm_eps(args["norm_layer"])
-  return out
-
-
-# --- registered names (official constructors shunted_t / shunted_s / shunted_b; top-1 from the official README)
-_SHUNTED = dict(embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), mlp_ratios=(8, 8, 4, 4),
-                sr_ratios=(8, 4, 2, 1), qkv_bias=True, qk_scale=None, norm_eps=1e-6, patch_size=4, img_size=224)
-for _name, _depths, _conv_n, _top1 in (("shunted_t", (1, 2, 4, 1), 0, 79.8), ("shunted_s", (2, 4, 12, 1), 1, 82.9),
-                                       ("shunted_b", (3, 4, 24, 2), 2, 84.0)):
-  register(_name, "shunted", ShuntedTransformer, dict(_SHUNTED, depths=_depths, num_conv=_conv_n),
-           crop_pct=0.875, paper_top1=_top1, source=f"{REFERENCE} :: {_name}")

@@ -1,4 +1,5 @@
-"""The official model names of every family, registered with their official configurations.
+"""The official model names of every family, registered with their official configurations (into `spec.SPECS`;
+look them up through `registry`, which imports this module).
 
 Sources: the papers and the official code (each entry's `source` names the file; parameter counts and state-dict
 keys are tested against listings of the official models, tests/data/state_dicts). Official repository @ commit:
@@ -12,7 +13,8 @@ keys are tested against listings of the official models, tests/data/state_dicts)
 """
 from __future__ import annotations
 
-from vit_jax_fix.models.registry import HALF, Weights, register, register_weights
+from vit_jax_fix.models.shunted import ShuntedTransformer
+from vit_jax_fix.models.spec import HALF, Weights, register, register_weights
 from vit_jax_fix.models.vit import VisionTransformer
 
 VIT = VisionTransformer
@@ -92,12 +94,13 @@ for size, top1 in (("small", 79.5), ("base", 81.3)):
            dict(_DEIT, embed_dim=d, num_heads=h, keep_rate=0.7, keep_rate_blocks=(3, 6, 9), fuse_token=True),
            paper_top1=top1, source="youweiliang/evit evit.py")
 
-# --- Shunted Transformer registers its own names.
-try:
-  from vit_jax_fix.models import shunted  # noqa: F401
-except ImportError as e:  # pragma: no cover - only while the module is being written
-  if "shunted" not in str(e):
-    raise
+# --- Shunted Transformer (OliverRensu/Shunted-Transformer SSA.py): constructors shunted_t / shunted_s / shunted_b
+_SHUNTED = dict(embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), mlp_ratios=(8, 8, 4, 4),
+                sr_ratios=(8, 4, 2, 1), qkv_bias=True, qk_scale=None, norm_eps=1e-6, patch_size=4, img_size=224)
+for name, depths, num_conv, top1 in (("shunted_t", (1, 2, 4, 1), 0, 79.8), ("shunted_s", (2, 4, 12, 1), 1, 82.9),
+                                     ("shunted_b", (3, 4, 24, 2), 2, 84.0)):
+  register(name, "shunted", ShuntedTransformer, dict(_SHUNTED, depths=depths, num_conv=num_conv),
+           crop_pct=0.875, paper_top1=top1, source=f"OliverRensu/Shunted-Transformer SSA.py :: {name}")
 
 # --- Released weights (registry.Weights): URL as the authors publish it, the file name it is cached (and
 # mirrored) under, the key layout load_torch reads it with, and the sha256 prefix where the file name
