@@ -282,8 +282,8 @@ def load_torch(path: str, name: str | None = None, overrides: dict | None = None
   layout = detect_layout(sd, meta) if layout == "auto" else layout
   if strict:
     # Every parameter is overwritten (strict), so skip running the initialisers (slow on CPU).
-    from vit_jax_fix.interop.testing import random_model
-    model = random_model(name, scale=0.0, **overrides)
+    from vit_jax_fix.interop.skeleton import skeleton
+    model = skeleton(name, **overrides)
   else:
     from vit_jax_fix.models.registry import create_model
     model = create_model(name, **overrides)

@@ -127,7 +127,7 @@ def load_npz(path_or_dict, name: str, overrides: dict | None = None, *, resize: 
   """(model, info): `create_model(name, **overrides)` loaded from a Google ViT npz. num_classes defaults to
   the npz head's; the model's img_size decides the grid (the npz grid is resized to it)."""
   from vit_jax_fix.interop.state_dict import from_torch_state_dict, to_torch_state_dict
-  from vit_jax_fix.interop.testing import random_model
+  from vit_jax_fix.interop.skeleton import skeleton
   from vit_jax_fix.interop.timm_models import full_kwargs
   if head_mode not in ("load", "reset"):
     raise errors.ArgumentError("head_mode must be 'load' or 'reset'")
@@ -147,7 +147,7 @@ def load_npz(path_or_dict, name: str, overrides: dict | None = None, *, resize: 
   sd["pos_embed"], sd["cls_token"] = fit_pos_embed(
       sd["pos_embed"], has_cls=info["pos_has_cls"], model_has_cls_slot=kw.get("pos_embed", "cls") == "cls",
       cls_token=sd["cls_token"], grid=grid, method=resize, antialias=antialias)
-  model = random_model(name, scale=0.0, **overrides)
+  model = skeleton(name, **overrides)
   if head_mode == "reset":
     # A fresh head as the official init: trunc_normal(std 0.02) kernel, zero bias.
     own = to_torch_state_dict(model)

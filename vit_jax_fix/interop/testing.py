@@ -1,9 +1,9 @@
 """Helpers for parity tests: random models without paying for initialisation, and jitted logits.
 
-`random_model(name, **overrides)` builds the model abstractly (`nnx.eval_shape`, nothing is compiled) and fills
+`random_model(name, **overrides)` builds the model abstractly (`skeleton.filled`, nothing is compiled) and fills
 every parameter with N(0, scale^2) noise (LayerNorm scales around 1), which is much faster on CPU than running
 the initialisers op by op, and moves LayerScale, biases and norms far enough from their init that a wrong
-conversion shows in the logits.
+conversion shows in the logits. Test helpers only: production loaders use `skeleton.skeleton`.
 """
 from __future__ import annotations
 
@@ -12,28 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_jax_fix.models.registry import create_model
+from vit_jax_fix.interop import skeleton
 
 
 def random_model(name: str, *, seed: int = 0, scale: float = 0.2, **overrides) -> nnx.Module:
   rng = np.random.default_rng(seed)
-  model = nnx.eval_shape(lambda: create_model(name, **overrides))
-  state = nnx.state(model)
 
-  def fill(path, x):
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.key(seed)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      return np.zeros(x.shape, x.dtype)
-    last = str(path[-1].key if hasattr(path[-1], "key") else path[-1])
-    if last == "var":  # BatchNorm running variance must stay positive
-      return (1.0 + scale * np.abs(rng.normal(size=x.shape))).astype(x.dtype)
-    base = 1.0 if last == "scale" else 0.0
-    return (base + scale * rng.normal(size=x.shape)).astype(x.dtype)
+  def noise(leaf, shape, dtype):
+    if leaf == "var":  # BatchNorm running variance must stay positive
+      return 1.0 + scale * np.abs(rng.normal(size=shape))
+    return (1.0 if leaf == "scale" else 0.0) + scale * rng.normal(size=shape)
 
-  nnx.update(model, jax.tree_util.tree_map_with_path(fill, state))
-  model.spec_name = name
-  return model
+  return skeleton.filled(name, noise, seed=seed, **overrides)
 
 
 @nnx.jit
