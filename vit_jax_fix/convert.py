@@ -4,6 +4,8 @@
     python -m vit_jax_fix.convert to-torch --checkpoint WORKDIR[/checkpoints/STEP] --out model.safetensors [--ema]
     # PyTorch (.pth/.safetensors) or Google ViT (.npz) -> a trainer checkpoint in DIR (init_from / evaluation)
     python -m vit_jax_fix.convert from-torch --name deit_small_patch16_224 --weights deit.pth --out DIR
+    # without --weights: the authors' released file of --name (registry table; downloaded once into the cache)
+    python -m vit_jax_fix.convert from-torch --name deit_small_patch16_224 --out DIR
 
 to-torch writes timm's layout for models timm has (ViT/DeiT/DeiT III/CaiT without extra fixes; load with
 `timm.create_model(<timm_model>, pretrained=True, pretrained_cfg_overlay=dict(file=PATH, num_classes=N),
@@ -55,11 +57,21 @@ def export_checkpoint(checkpoint: str, out: str, *, ema: bool = False, layout: s
                       layout=layout, ema=ema)
 
 
-def import_weights(weights: str, out: str, *, name: str | None = None, overrides: dict | None = None,
+def import_weights(weights: str | None, out: str, *, name: str | None = None, overrides: dict | None = None,
                    layout: str = "auto", ema: bool | None = None, allow_pickle: bool = False,
                    resize: str = "bilinear") -> dict:
-  """PyTorch / npz file -> trainer checkpoint in `out`. Returns a summary dict."""
+  """PyTorch / npz file -> trainer checkpoint in `out`. Returns a summary dict. `weights=None`: the registry's
+  released file of `name` (`interop.weights.resolve`: cache, mirror or download), read with the table's layout
+  unless `layout` names one."""
   from vit_jax_fix.interop.checkpoint_io import load_torch, save_trainer_checkpoint
+  if weights is None:
+    if not name:
+      raise errors.ArgumentError("from-torch needs --weights FILE, or --name NAME of a model whose authors released "
+                                 "weights (downloaded once into the cache).")
+    from vit_jax_fix.interop.weights import resolve
+    from vit_jax_fix.models.registry import get_spec
+    weights = resolve(name)
+    layout = get_spec(name).weights.layout if layout == "auto" else layout
   if weights.endswith(".npz"):
     from vit_jax_fix.interop.npz import load_npz
     if name is None:
@@ -83,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="key layout (auto: timm's when timm has the model, else the official repository's)")
   t.add_argument("--name", help="expected model name (checked against the checkpoint)")
   f = sub.add_parser("from-torch", help=".pth / .safetensors / Google .npz -> trainer checkpoint")
-  f.add_argument("--weights", required=True, help=".pth/.pt/.bin, .safetensors or .npz file")
+  f.add_argument("--weights", help=".pth/.pt/.bin, .safetensors or .npz file (default: the released weights "
+                                  "of --name, downloaded once)")
   f.add_argument("--out", required=True, help="output directory (gets checkpoints/0/{state,meta})")
   f.add_argument("--name", help="registered model name (default: from the file's metadata)")
   f.add_argument("--override", action="append", metavar="KEY=VALUE",

@@ -376,6 +376,18 @@ def num_eval_examples(data_cfg) -> int:
   return builder.info.splits[_eval_split(builder, cfg)].num_examples
 
 
+def eval_label_classes(data_cfg) -> tuple[int | None, bool]:
+  """(class count of the eval labels or None when unknown, whether each label is a set of classes)."""
+  cfg = _resolve(data_cfg)
+  builder = sources.get_builder(cfg)
+  _eval_split(builder, cfg)
+  n = label_set_classes(builder, cfg)
+  if n:
+    return n, True
+  n = cfg.num_classes or getattr(builder.info.features[cfg.label_key], "num_classes", None)
+  return (int(n) if n else None), False
+
+
 def dataset_info(data_cfg):
   """(num_classes, num_train_examples) of the configured train split (all hosts together)."""
   cfg = _resolve(data_cfg)
@@ -394,12 +406,26 @@ def dataset_info(data_cfg):
   return int(ds_classes), n
 
 
+def label_set_classes(builder, cfg) -> int:
+  """The class count C when the label feature is a set of classes (``Sequence(ClassLabel)``), else 0."""
+  feature = builder.info.features[cfg.label_key]
+  if not isinstance(feature, tfds.features.Sequence):
+    return 0
+  n = cfg.num_classes or getattr(feature.feature, "num_classes", None)
+  if not n:
+    raise sources.DataSourceError(f"the label feature {cfg.label_key!r} of {builder.name!r} is a sequence of "
+                                  "labels without a class count: set data.num_classes.")
+  return int(n)
+
+
 def build_eval_iterator(data_cfg, *, global_batch_size: int, process_index=None, process_count=None,
                         model_defaults=None) -> Iterator[dict]:
   """Finite iterator of {'image', 'label', 'mask' (float32, 0 = padding)}; same batch count on every host.
 
   Each host reads its ``even_splits`` part; the last batches are padded with masked zeros so all hosts run
-  ceil(max host size / local batch) batches and each example is counted exactly once.
+  ceil(max host size / local batch) batches and each example is counted exactly once. A label feature that
+  is a set of classes (a tfds ``Sequence(ClassLabel)``, e.g. ImageNet-ReaL's 'real_label') comes as a
+  multi-hot float32 [C] per example (all zeros for an empty set).
   """
   cfg, pi, pc, local_batch, builder = _setup(data_cfg, model_defaults, global_batch_size, process_index,
                                              process_count)
@@ -408,16 +434,20 @@ def build_eval_iterator(data_cfg, *, global_batch_size: int, process_index=None,
   sizes = [builder.info.splits[s].num_examples for s in host_splits]
   num_batches = math.ceil(max(sizes) / local_batch)
   size = int(cfg.image_size)
+  set_classes = label_set_classes(builder, cfg)
 
   @tf.autograph.experimental.do_not_convert  # plain TF ops; AutoGraph only warns about the closure
   def transform(encoded, label):
     img = T.normalize(T.eval_resize_crop(encoded, size, cfg.crop_pct, cfg.interpolation), cfg.mean, cfg.std)
+    if set_classes:
+      label = tf.minimum(tf.reduce_sum(tf.one_hot(label, set_classes, dtype=tf.float32), axis=0), 1.0)
     return {"image": img, "label": label, "mask": tf.constant(1.0, tf.float32)}
   ds = _read(builder, host_splits[pi], cfg).take(sizes[pi])
   ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   pad = num_batches * local_batch - sizes[pi]
   padding = tf.data.Dataset.from_tensors({
-      "image": tf.zeros([size, size, 3], tf.float32), "label": tf.constant(0, tf.int32),
+      "image": tf.zeros([size, size, 3], tf.float32),
+      "label": tf.zeros([set_classes], tf.float32) if set_classes else tf.constant(0, tf.int32),
       "mask": tf.constant(0.0, tf.float32)}).repeat(pad)
   ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True).prefetch(int(cfg.prefetch))
   ds = ds.with_options(_options())

@@ -157,7 +157,7 @@ def save_config(workdir: str, config) -> None:
 # where the data lives, how the state is laid out on devices -- checkpoints restore onto any mesh).
 RESUMABLE_KEYS = ("debug_", "progress_bar", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
                   "max_to_keep", "eval_batch_size", "mesh.", "sharding.", "init_from.", "data.data_dir",
-                  "data.folder", "data.prefetch", "data.cache", "nonfinite_policy", "nonfinite_max_skips")
+                  "data.folder", "data.prefetch", "data.cache", "nonfinite_policy", "nonfinite_max_skips", "evals")
 
 
 def _flatten(d, prefix=""):

@@ -34,6 +34,12 @@ diagnostics.*                           collapse measures every N steps on fixed
                                         metrics.jsonl / TensorBoard as collapse/<measure>/block_<i>, JSON and
                                         plots per step in <workdir>/diagnostics/
 init_from.*                             fine-tune from a checkpoint/workdir or PyTorch weights
+evals                                   what ``python -m vit_jax_fix.evaluate`` evaluates, e.g. ('val', 'real',
+                                        'v2'): 'val' the data's eval split, 'real' ImageNet-ReaL labels (tfds
+                                        imagenet2012_real), 'v2' ImageNet-V2 matched-frequency (tfds
+                                        imagenet_v2; 'v2/threshold-0.7', 'v2/topimages'), all read from
+                                        data.data_dir with the eval transform of data.*; the trainer
+                                        evaluates 'val' only
 log_every_steps, eval_every_steps, checkpoint_every_steps, max_to_keep, eval_batch_size, progress_bar
 nonfinite_policy, nonfinite_max_skips   NaN/inf loss or gradients: 'stop' (default: error naming the step,
                                         the metric and the last good checkpoint) | 'skip' (the update is
@@ -116,9 +122,10 @@ def base_config() -> ConfigDict:
   c.init_from = ConfigDict()
   c.init_from.path = ""                     # workdir/checkpoint dir, or .pth/.pt/.bin/.safetensors
   c.init_from.pretrained = False            # True: the authors' weights of model.name (registry table, cached)
-  c.init_from.layout = "official"           # torch key layout: 'official' | 'timm'
+  c.init_from.layout = "official"           # torch key layout: 'official' | 'timm' | 'auto' (detected)
   c.init_from.ema = False                   # take the EMA weights of a checkpoint / state_dict_ema
   c.init_from.reinit_head = "auto"          # 'auto' (when the class count differs) | True | False
+  c.evals = ("val",)                        # python -m vit_jax_fix.evaluate: ('val', 'real', 'v2')
   c.log_every_steps = 50
   c.eval_every_steps = -1                   # -1: once per epoch; 0: only at the end
   c.checkpoint_every_steps = 1000
@@ -206,6 +213,8 @@ def validate(config) -> None:
     raise ConfigError(f"config.ema.decay={config.ema.decay} must be in [0, 1).")
   if config.nonfinite_policy not in ("stop", "skip"):
     raise ConfigError(f"config.nonfinite_policy={config.nonfinite_policy!r}: use 'stop' or 'skip'.")
+  from vit_jax_fix.train import evaluate as eval_lib
+  eval_lib.check_evals(config.evals)
 
 
 def peak_lr(config) -> float:

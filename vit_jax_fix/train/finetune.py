@@ -57,8 +57,10 @@ def _pure(model):
 def _from_torch(path: str, name: str, kwargs: dict, layout: str, ema: bool):
   """Builds the model at the file's own class count and grid, loads it, returns (params, stats)."""
   from vit_jax_fix.interop import from_torch_state_dict
-  from vit_jax_fix.interop.checkpoint_io import read_state_dict
-  sd, _ = read_state_dict(path, ema=True if ema else None)
+  from vit_jax_fix.interop.checkpoint_io import detect_layout, read_state_dict
+  sd, info = read_state_dict(path, ema=True if ema else None)
+  if layout == "auto":
+    layout = detect_layout(sd, info["metadata"])
   kw = dict(kwargs)
   head = next((k for k in ("head.weight", "head.fc.weight") if k in sd), None)
   if head is not None:
@@ -93,8 +95,12 @@ def _leaves(tree) -> dict:
   return {shard_lib.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+FIX_HINT = ("Check config.model.name and config.model.overrides (depth, embed_dim, patch_size, ...) against "
+            "the source, or set init_from.reinit_head=True for another head.")
+
+
 def adapt(src: dict, target: dict, *, num_prefix: int, reinit_head, what: str = "params",
-          source: str = "the source weights") -> dict:
+          source: str = "the source weights", hint: str = FIX_HINT) -> dict:
   """Fits source leaves onto the target tree (target: the freshly initialised values). Raises
   InitFromMismatch listing every leaf that is missing, unexpected or of a shape that cannot be adapted."""
   found = _leaves(src)
@@ -128,9 +134,8 @@ def adapt(src: dict, target: dict, *, num_prefix: int, reinit_head, what: str = 
   if problems:
     shown = "\n  ".join(problems[:30]) + (f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else "")
     raise InitFromMismatch(
-        f"init_from: {source} does not fit the model ({len(problems)} mismatched key(s); only the head and "
-        f"pos_embed are adapted):\n  {shown}\nCheck config.model.name and config.model.overrides (depth, "
-        f"embed_dim, patch_size, ...) against the source, or set init_from.reinit_head=True for another head.")
+        f"{source} does not fit the model ({len(problems)} mismatched key(s); only the head and pos_embed are "
+        f"adapted):\n  {shown}\n{hint}")
   return out
 
 
@@ -145,20 +150,33 @@ def load_pretrained(config, model_def, params, batch_stats):
     src_path = resolve(model_def.name)   # the table's file: cached, else mirror, else download
     layout = registry.get_spec(model_def.name).weights.layout
     source = f"init_from.pretrained ({src_path})"
-  if src_path.endswith(".npz") and os.path.isfile(src_path):
-    src_p, src_s = _from_npz(src_path, model_def.name, model_def.kwargs)
-  elif src_path.endswith(TORCH_SUFFIXES) and os.path.isfile(src_path):
-    src_p, src_s = _from_torch(src_path, model_def.name, model_def.kwargs, layout, bool(config.init_from.ema))
-  else:
-    from vit_jax_fix.train.checkpoint import load_state_dicts
-    _, _, src_p, src_s = load_state_dicts(src_path, ema=bool(config.init_from.ema))
+  src_p, src_s = read_weights(src_path, model_def, layout=layout, ema=bool(config.init_from.ema))
+  return fit_weights(model_def, params, batch_stats, src_p, src_s, reinit_head=config.init_from.reinit_head,
+                     source=f"init_from: {source}")
+
+
+def read_weights(path: str, model_def, *, layout: str, ema: bool):
+  """(params, batch_stats) as host nested dicts, blocks per block, from a PyTorch file (`layout` 'official',
+  'timm' or 'auto': detected), a Google npz, or a trainer workdir / checkpoint dir; `ema` takes the EMA
+  weights. Used by init_from and by `python -m vit_jax_fix.evaluate`."""
+  if path.endswith(".npz") and os.path.isfile(path):
+    return _from_npz(path, model_def.name, model_def.kwargs)
+  if path.endswith(TORCH_SUFFIXES) and os.path.isfile(path):
+    return _from_torch(path, model_def.name, model_def.kwargs, layout, ema)
+  from vit_jax_fix.train.checkpoint import load_state_dicts
+  return load_state_dicts(path, ema=ema)[2:]
+
+
+def fit_weights(model_def, params, batch_stats, src_p, src_s, *, reinit_head, source: str, hint: str = FIX_HINT):
+  """`read_weights`' trees fitted onto `params` / `batch_stats` (the model's own, either layout: freshly
+  initialised values, or arrays of the right shapes) with `adapt`; returned in the model_def's layout."""
   resolved = registry.resolve_kwargs(model_def.name, **model_def.kwargs)
   prefix = _num_prefix(resolved, params)
-  reinit = config.init_from.reinit_head
   # Sources come per block; fit them in that layout (mismatch messages name blocks/i/...), then restack.
-  params = adapt(src_p, model_def.per_block(params), num_prefix=prefix, reinit_head=reinit, source=source)
-  batch_stats = adapt(src_s, model_def.per_block(batch_stats), num_prefix=prefix, reinit_head=reinit,
-                      what="batch_stats", source=source)
+  params = adapt(src_p, model_def.per_block(params), num_prefix=prefix, reinit_head=reinit_head, source=source,
+                 hint=hint)
+  batch_stats = adapt(src_s, model_def.per_block(batch_stats), num_prefix=prefix, reinit_head=reinit_head,
+                      what="batch_stats", source=source, hint=hint)
   return model_def.train_layout(params), model_def.train_layout(batch_stats)
 
 

@@ -175,9 +175,28 @@ class Setup:
                                          seed=int(self.config.seed), start_step=start_step,
                                          model_defaults=self.model_defaults)
 
-  def eval_batches(self):
+  def eval_batches(self, data_cfg=None):
+    """The padded eval batches of `data_cfg` (default: the config's data; the evaluate command passes the
+    data config of another evaluator, e.g. ImageNet-ReaL)."""
     bs = int(self.config.eval_batch_size) or self.micro_batch
-    return data_lib.build_eval_iterator(self.config.data, global_batch_size=bs, model_defaults=self.model_defaults)
+    return data_lib.build_eval_iterator(self.config.data if data_cfg is None else data_cfg, global_batch_size=bs,
+                                        model_defaults=self.model_defaults)
+
+  def recalibrate_batch_norm(self, params, batch_stats):
+    """DeepViT's BatchNorm re-calibration before an evaluation (config.bn_recalibration): new statistics for
+    `params`, placed in the state's shardings; `batch_stats` unchanged when it is off or there is no BN."""
+    c = self.config
+    if not c.bn_recalibration.enabled or not jax.tree.leaves(batch_stats):
+      return batch_stats
+    calib = jax.jit(eval_lib.make_calibration_step(self.model_def),
+                    in_shardings=(self.state_sh["params"], self.state_sh["batch_stats"],
+                                  shard_lib.batch_sharding(self.mesh)),
+                    out_shardings=self.state_sh["batch_stats"])
+    batches = eval_lib.calibration_batches(c.data, batch_size=int(c.bn_recalibration.batch_size),
+                                           model_defaults=self.model_defaults)
+    stats = eval_lib.recalibrate_batch_norm(calib, params, batch_stats, batches, self.mesh,
+                                            int(c.bn_recalibration.num_batches))
+    return jax.device_put(stats, self.state_sh["batch_stats"])
 
 
 class KeepRateSchedule:
@@ -226,16 +245,8 @@ def run_eval(setup, state, writer, step: int) -> tuple[dict, dict]:
   """Evaluates the model (and its EMA); DeepViT re-calibrates BatchNorm first when configured. Returns
   (metrics, state) -- the calibrated statistics are stored in the state, as the official code does."""
   c = setup.config
-  if c.bn_recalibration.enabled and jax.tree.leaves(state["batch_stats"]):
-    calib = jax.jit(eval_lib.make_calibration_step(setup.model_def),
-                    in_shardings=(setup.state_sh["params"], setup.state_sh["batch_stats"],
-                                  shard_lib.batch_sharding(setup.mesh)),
-                    out_shardings=setup.state_sh["batch_stats"])
-    batches = eval_lib.calibration_batches(c.data, batch_size=int(c.bn_recalibration.batch_size),
-                                           model_defaults=setup.model_defaults)
-    stats = eval_lib.recalibrate_batch_norm(calib, state["params"], state["batch_stats"], batches, setup.mesh,
-                                            int(c.bn_recalibration.num_batches))
-    state = dict(state, batch_stats=jax.device_put(stats, setup.state_sh["batch_stats"]))
+  if c.bn_recalibration.enabled:
+    state = dict(state, batch_stats=setup.recalibrate_batch_norm(state["params"], state["batch_stats"]))
   out = eval_lib.evaluate(setup.eval_step, state["params"], state["batch_stats"], setup.eval_batches(),
                           setup.mesh, "eval")
   if state["ema"] is not None and c.ema.evaluate:
