@@ -95,7 +95,27 @@ def test_prose_overrides_apply_to_a_config(fragment, monkeypatch):
       node = node[key]
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python -m vit_jax_fix.")])
+def parse_evaluate(argv: list[str], monkeypatch):
+  """`python -m vit_jax_fix.evaluate`'s absl flags (evaluate.define_flags + cli.parse_flags) on fresh flag
+  values: config loaded, overrides validated, one weights source, keep rates numbers."""
+  from vit_jax_fix import evaluate
+  monkeypatch.chdir(ROOT)
+  fv = flags.FlagValues()
+  evaluate.define_flags(fv, sys_argv=["evaluate", *argv])
+  cli.parse_flags(["evaluate", *argv], fv)
+  evaluate.source_from_flags(fv)
+  evaluate.keep_rates_from_flags(fv)
+  return fv
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python -m vit_jax_fix.evaluate ")])
+def test_evaluate_commands_parse_and_validate(command, monkeypatch):
+  fv = parse_evaluate(shlex.split(command)[3:], monkeypatch)
+  assert fv.config.model.name
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python -m vit_jax_fix.")
+                                     and not c.startswith("python -m vit_jax_fix.evaluate ")])
 def test_tool_commands_parse(command):
   import importlib
   argv = shlex.split(command)
