@@ -171,6 +171,28 @@ def test_evit_other_keep_rates_from_one_set_of_weights(demo_data_dir, tmp_path):
       {k: at_05[k] for k in ("top1", "top5", "loss")}
 
 
+# -------------------------------------------------------------------------------------------- DeepViT
+
+def test_deepvit_batch_norm_recalibrated_before_evaluating(demo_data_dir, tmp_path):
+  """configs/deepvit_24b.py:demo (re-attention BatchNorm) with random weights: with bn_recalibration on, the
+  statistics are re-estimated on train images first (other numbers than the file's statistics give)."""
+  name = "deepvit_patch16_224_re_attn_24b"
+  arch = dict(TINY, depth=2, reattention=True, num_classes=10)
+  weights = str(tmp_path / "deepvit.safetensors")
+  save_torch(itesting.random_model(name, **arch), weights, name=name, overrides=arch)
+  argv = ["--config", f"{ROOT / 'configs' / 'deepvit_24b.py'}:demo", f"--config.data.data_dir={demo_data_dir}",
+          "--config.data.eval_split=test[:128]", "--config.eval_batch_size=128",
+          "--config.model.overrides.embed_dim=32", "--config.model.overrides.depth=2",
+          "--config.model.overrides.num_heads=2", "--config.bn_recalibration.num_batches=1",
+          "--config.bn_recalibration.batch_size=64"]
+  config = parse(argv)[0].config
+  assert config.bn_recalibration.enabled
+  recalibrated = E.run(config, weights=weights)["val"]
+  config.bn_recalibration.enabled = False
+  as_stored = E.run(config, weights=weights)["val"]
+  assert recalibrated["loss"] != as_stored["loss"]
+
+
 # ------------------------------------------------------------------------------ ReaL and V2 (mocked tfds)
 
 IMAGENET = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2)
