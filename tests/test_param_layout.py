@@ -12,7 +12,7 @@ from flax import nnx
 
 from vit_jax_fix.interop import to_torch_state_dict, from_torch_state_dict
 from vit_jax_fix.models import keep_rate as keep_rate_lib
-from vit_jax_fix.models import vit
+from vit_jax_fix.models import layout, registry, vit
 from vit_jax_fix.models.registry import create_model
 from vit_jax_fix.train import checkpoint as ckpt
 from vit_jax_fix.train import config as C
@@ -24,7 +24,7 @@ from vit_jax_fix.train import steps as steps_lib
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, num_classes=5)
 CASES = {
     "deit": ("deit_small_patch16_224", dict(depth=4, drop_path_rate=0.1)),
-    # reorganising blocks stay alone: stacks (1, 1, 1, 2, 1) around blocks 1 and 3
+    # reorganising blocks stay alone: stacks (1, 1, 1, 1, 2) around blocks 1 and 3
     "evit": ("deit_small_patch16_shrink_base", dict(depth=6, keep_rate=0.5, keep_rate_blocks=(1, 3),
                                                     fuse_token=True)),
     "deepvit_bn": ("deepvit_S", dict(depth=7)),          # re-attention in the last 5: BatchNorm statistics
@@ -59,10 +59,11 @@ def test_same_init_same_function(case):
   assert stacked.param_layout == "stacked" and sum(stacked.stack_sizes) == stacked.depth
   assert len(stacked.stack_sizes) < stacked.depth                # something really is stacked
   # Same seed, same values: stacking the per-block model's tree gives the stacked model's tree.
-  _assert_trees_equal(vit.stack_block_tree(_pure(per_block), stacked.stack_sizes), _pure(stacked))
-  _assert_trees_equal(vit.unstack_block_tree(_pure(stacked), stacked.stack_sizes), _pure(per_block))
-  _assert_trees_equal(_pure(vit.with_param_layout(stacked, "per_block")), _pure(per_block))
-  _assert_trees_equal(_pure(vit.with_param_layout(per_block, "stacked")), _pure(stacked))
+  _assert_trees_equal(layout.stack_block_tree(_pure(per_block), stacked.stack_sizes), _pure(stacked))
+  _assert_trees_equal(layout.unstack_block_tree(_pure(stacked), stacked.stack_sizes), _pure(per_block))
+  _assert_trees_equal(_pure(layout.with_param_layout(stacked, "per_block")), _pure(per_block))
+  _assert_trees_equal(_pure(layout.with_param_layout(per_block, "stacked")), _pure(stacked))
+  assert vit.with_param_layout is layout.with_param_layout          # the public name users import
   for m in (per_block, stacked):
     m.train()      # train-mode forward: DeepViT's BatchNorm uses and updates batch statistics
   la, ia = per_block(X, return_intermediates=True)
@@ -77,7 +78,7 @@ def test_same_init_same_function(case):
     if u is not None:
       np.testing.assert_array_equal(u["idx"], v["idx"])
   # State written back by the blocks (BatchNorm statistics) lands in the stack as in the blocks.
-  _assert_trees_equal(_pure(vit.with_param_layout(stacked, "per_block"), nnx.BatchStat),
+  _assert_trees_equal(_pure(layout.with_param_layout(stacked, "per_block"), nnx.BatchStat),
                       _pure(per_block, nnx.BatchStat), rtol=1e-5, atol=1e-6)
   if case == "deepvit_bn":
     assert jax.tree.leaves(_pure(stacked, nnx.BatchStat))
@@ -93,7 +94,7 @@ def test_same_gradients(case, remat):
     return nnx.grad(loss)(model)
   g_pb = nnx.to_pure_dict(grads(per_block))
   g_st = nnx.to_pure_dict(grads(stacked))
-  _assert_trees_equal(vit.stack_block_tree(g_pb, stacked.stack_sizes), g_st, rtol=2e-5, atol=1e-6)
+  _assert_trees_equal(layout.stack_block_tree(g_pb, stacked.stack_sizes), g_st, rtol=2e-5, atol=1e-6)
 
 
 def test_interop_reads_and_writes_stacked_models():
@@ -203,3 +204,46 @@ def test_checkpoint_of_the_other_layout_names_the_override(tmp_path):
   _assert_trees_equal(params, jax.device_get(saved["params"]))
   model = ckpt.load_model(str(tmp_path))
   assert model.param_layout == "per_block"
+
+
+def test_one_predicate_names_the_leaves_of_stacked_blocks():
+  """Optimizer, sharding and checkpoint messages all ask `layout.is_stacked_path`, whatever the path's form."""
+  assert layout.is_stacked_path("params/block_stacks/0/attn/qkv/kernel")
+  assert layout.is_stacked_path("1/0/mu/block_stacks/2/norm1/scale")          # optimizer state nests it deeper
+  assert layout.is_stacked_path(("block_stacks", 0, "attn", "qkv", "kernel"))  # an nnx path
+  assert not layout.is_stacked_path("params/blocks/0/attn/qkv/kernel")
+  assert not layout.is_stacked_path("params/my_block_stacks/0/w")
+  _, stacked = _pair("deit")
+  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(_pure(stacked))[0]]
+  assert {layout.is_stacked_path(p) for p in paths} == {True, False}             # jax key paths
+  assert layout.layout_of_paths(["params/blocks/0/w", "params/block_stacks/0/w"]) == "stacked"
+  assert layout.layout_of_paths(["params/blocks/0/w"]) == "per_block"
+
+
+def test_which_families_have_the_option():
+  for name in registry.list_models():
+    builder = registry.get_spec(name).builder
+    assert layout.has_option(builder) == ("param_layout" in registry.valid_overrides(builder)), name
+  vit_builder, shunted_builder = (registry.get_spec(n).builder for n in ("deit_small_patch16_224", "shunted_t"))
+  assert layout.resolve(vit_builder, {}) == "stacked"
+  assert layout.resolve(vit_builder, {"scan_blocks": False}) == "per_block"
+  assert layout.resolve(vit_builder, {"param_layout": "per_block"}, "stacked") == "per_block"   # the override wins
+  assert layout.resolve(shunted_builder, {}) is None
+  shunted = create_model("shunted_t", img_size=32, num_classes=5)
+  assert layout.with_param_layout(shunted, "stacked") is shunted and layout.layout_of(shunted) is None
+  with pytest.raises(ValueError, match="param_layout must be one of"):
+    layout.with_param_layout(shunted, "rows")
+
+
+def test_tree_conversion_leaves_a_tree_already_in_the_layout_alone():
+  per_block, stacked = _pair("evit")
+  tree_pb, tree_st = _pure(per_block), _pure(stacked)
+  sizes = stacked.stack_sizes
+  assert sizes == (1, 1, 1, 1, 2) and per_block.stack_sizes == ()
+  assert layout.tree_in_layout(tree_st, "stacked", sizes) is tree_st
+  assert layout.tree_in_layout(tree_pb, "per_block", sizes) is tree_pb
+  assert layout.tree_in_layout(tree_pb, None, sizes) is tree_pb                 # families without the option
+  _assert_trees_equal(layout.tree_in_layout(tree_pb, "stacked", sizes), tree_st)
+  _assert_trees_equal(layout.tree_in_layout(tree_st, "per_block", sizes), tree_pb)
+  with pytest.raises(ValueError, match="needs scan_blocks=True"):
+    create_model("deit_small_patch16_224", param_layout="stacked", scan_blocks=False, **SMALL)

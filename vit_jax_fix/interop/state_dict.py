@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from vit_jax_fix import errors
-from vit_jax_fix.models.vit import with_param_layout
+from vit_jax_fix.models import layout as param_layout
 
 LAYOUTS = ("official", "timm")
 
@@ -145,14 +145,14 @@ def _family(model) -> str | None:
 
 def torch_keys(model: nnx.Module, layout: str = "official") -> dict[str, tuple]:
   """{torch key: torch shape} of a model (works on an abstract `nnx.eval_shape` model too)."""
-  model = with_param_layout(model, "per_block")
+  model = param_layout.with_param_layout(model, param_layout.PER_BLOCK)
   fam = _family(model)
   return {_rename(e.key, fam, layout): e.shape for e in _entries(model)}
 
 
 def to_torch_state_dict(model: nnx.Module, layout: str = "official") -> dict[str, np.ndarray]:
   """The model's weights as a flat {torch key: numpy array} in PyTorch layouts, buffers included."""
-  model = with_param_layout(model, "per_block")
+  model = param_layout.with_param_layout(model, param_layout.PER_BLOCK)
   fam = _family(model)
   out = {}
   for e in _entries(model):
@@ -174,7 +174,7 @@ def from_torch_state_dict(model: nnx.Module, state_dict: dict[str, Any], layout:
   `StateDictMismatch` that lists all of them (strict=False allows missing/unexpected keys only).
   A model with stacked blocks (param_layout='stacked') is loaded through its per-block view."""
   target = model
-  model = with_param_layout(model, "per_block")
+  model = param_layout.with_param_layout(model, param_layout.PER_BLOCK)
   fam = _family(model)
   entries = {_rename(e.key, fam, layout): e for e in _entries(model)}
   given = {k: _as_numpy(v) for k, v in state_dict.items()}
@@ -211,5 +211,6 @@ def from_torch_state_dict(model: nnx.Module, state_dict: dict[str, Any], layout:
     arr = _from_torch_layout(e.owner, e.leaf, given[key])
     e.variable.set_value(jnp.asarray(arr, dtype=e.variable.dtype))
   if target is not model:
-    nnx.update(target, nnx.state(with_param_layout(model, "stacked"), nnx.Not(nnx.RngState)))
+    stacked = param_layout.with_param_layout(model, param_layout.STACKED)
+    nnx.update(target, nnx.state(stacked, nnx.Not(nnx.RngState)))
   return target

@@ -5,14 +5,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vit_jax_fix.models import layout
+
 
 def xla_flops(model: nnx.Module, input_shape: tuple) -> float:
   """FLOPs of `model(x)` for x of `input_shape` (NHWC), as XLA's cost analysis counts them (every
   multiply-add of the program, softmax, norms and GELU included). Works on abstract (`nnx.eval_shape`)
   models. XLA counts the body of a loop once, so blocks that run under `jax.lax.scan` are unrolled for
   the count."""
-  from vit_jax_fix.models.vit import with_param_layout
-  model = with_param_layout(model, "per_block")
+  model = layout.with_param_layout(model, layout.PER_BLOCK)
   scanned = bool(getattr(model, "scan_blocks", False))
   if scanned:
     model.scan_blocks = False

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 from flax import nnx
 
-from vit_jax_fix.models import token_reorg
+from vit_jax_fix.models import layout, token_reorg
 
 _DECIMALS = 12
 
@@ -85,7 +85,7 @@ def keep_rate_at(step: int, *, base_keep_rate: float, start_step: int = 0, ramp_
 
 def _blocks(model) -> Sequence[Any]:
   """Per block, the module whose `keep_rate` governs it (with param_layout='stacked', its segment's stack)."""
-  blocks = model.block_list() if hasattr(model, "block_list") else None
+  blocks = layout.block_list(model)
   if blocks is None or not all(hasattr(b, "keep_rate") for b in blocks):
     raise TypeError(f"{type(model).__name__} has no EViT-capable blocks (a VisionTransformer is needed)")
   return blocks

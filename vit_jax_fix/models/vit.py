@@ -29,11 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_jax_fix.models import layers, shortcuts, spectral, token_reorg
+from vit_jax_fix.models import layers, layout, shortcuts, spectral, token_reorg
 from vit_jax_fix.models.attention import Attention, ClassAttention
+# The parameter layout lives in models/layout.py; these names stay importable from here.
+from vit_jax_fix.models.layout import (LAYOUTS as PARAM_LAYOUTS, stack_block_tree,  # noqa: F401
+                                       unstack_block_tree, with_param_layout)
 
 FEAT_SCALE_MODES = (None, "double", "single")
-PARAM_LAYOUTS = ("per_block", "stacked")
 
 
 class Block(nnx.Module):
@@ -193,7 +195,7 @@ class VisionTransformer(nnx.Module):
                num_cir: int = 4, circulant_impl: str = "auto", aug_paper_form: bool = False,
                scale_adjustment: float = 1.0, keep_rate: Any = 1.0, keep_rate_blocks: Sequence[int] | None = None,
                fuse_token: bool = False, scan_blocks: bool = True, remat: bool | str = "dots",
-               param_layout: str = "per_block", dtype=None, precision=None, rngs: nnx.Rngs | None = None):
+               param_layout: str = layout.PER_BLOCK, dtype=None, precision=None, rngs: nnx.Rngs | None = None):
     rngs = rngs if rngs is not None else nnx.Rngs(params=0, dropout=1)
     # Consecutive blocks with the same graph run under one jax.lax.scan (with either parameter layout,
     # see param_layout below). On by default: compile time no longer
@@ -203,19 +205,11 @@ class VisionTransformer(nnx.Module):
     # of the linear layers (matmuls without batch dims) and recomputes attention and the element-wise work
     # (measured 6-8% faster train step than False on CPU: fewer stacked residuals written and read);
     # True keeps only each block's input (least memory, one more forward pass).
-    # param_layout: 'per_block' (default) stores one parameter set per block (`model.blocks[i]`, the layout
-    # of checkpoints from PyTorch and of interop); 'stacked' stores each scan segment as ONE Block whose
-    # variables carry a leading axis of the segment's length (`model.block_stacks[j]`, lengths in
-    # `model.stack_sizes`). The trainer uses 'stacked': nothing is stacked or sliced per step and the
-    # optimizer sees one leaf per parameter name and segment, so compile time stops growing with depth.
-    # Same values, same function; `with_param_layout` converts between them.
+    # param_layout: 'per_block' (default: `model.blocks[i]`) or 'stacked' (`model.block_stacks[j]`, one
+    # Block per scan segment with a leading block axis; the trainer's layout), see models/layout.py.
     if remat not in (False, True, "dots"):
       raise ValueError(f"remat must be False, True or 'dots', got {remat!r}")
-    if param_layout not in PARAM_LAYOUTS:
-      raise ValueError(f"param_layout must be one of {PARAM_LAYOUTS}, got {param_layout!r}")
-    if param_layout == "stacked" and not scan_blocks:
-      raise ValueError("param_layout='stacked' runs the blocks of a segment under jax.lax.scan: it needs "
-                       "scan_blocks=True (or use param_layout='per_block')")
+    layout.check(param_layout, scan_blocks)
     self.scan_blocks, self.remat = bool(scan_blocks), remat
     img = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size, img_size)
     if pos_embed not in ("cls", "patches"):
@@ -282,9 +276,8 @@ class VisionTransformer(nnx.Module):
               drop_path_active=drop_path_rate > 0, dtype=dtype, precision=precision,
               **{k: v[i] for k, v in per_block.items()})
         for i in range(depth)])
-    self.param_layout, self.block_stacks, self.stack_sizes = "per_block", nnx.data(None), ()
-    if param_layout == "stacked":
-      self._set_param_layout("stacked")
+    self.block_stacks = nnx.data(None)
+    layout.set_layout(self, param_layout)
     if class_attn_depth:
       ls = class_attn_layer_scale if class_attn_layer_scale is not None else per_block["layer_scale"][-1]
       self.blocks_token_only = nnx.List([
@@ -298,49 +291,19 @@ class VisionTransformer(nnx.Module):
     self.head = (layers.linear(embed_dim, num_classes, rngs=rngs, precision=precision)
                  if num_classes else nnx.data(None))
 
-  def _segments(self) -> list[list[Block]]:
-    """Blocks grouped for execution (per-block layout): with scan_blocks, runs of consecutive blocks that
-    share one graph (same options; drop-path rates are variables) and keep every token; otherwise one
-    block each. The stacked layout stores exactly these groups."""
-    blocks = list(self.blocks)
-    if not self.scan_blocks:
-      return [[b] for b in blocks]
-    segments: list[list[Block]] = []
-    prev = None
-    for b in blocks:
-      gd = nnx.graphdef(b)
-      if segments and b.keep_rate == 1.0 and prev == gd and segments[-1][-1].keep_rate == 1.0:
-        segments[-1].append(b)
-      else:
-        segments.append([b])
-      prev = gd
-    return segments
+  @property
+  def param_layout(self) -> str:
+    """'per_block' (`self.blocks`) or 'stacked' (`self.block_stacks`); see models/layout.py."""
+    return layout.layout_of(self)
 
-  def _set_param_layout(self, layout: str) -> None:
-    """Convert this model's block storage in place (see `with_param_layout`)."""
-    if layout == self.param_layout:
-      return
-    if layout == "stacked":
-      if not self.scan_blocks:
-        raise ValueError("param_layout='stacked' needs scan_blocks=True")
-      segments = self._segments()
-      self.block_stacks = nnx.List([stack_blocks(seg) for seg in segments])
-      self.stack_sizes = tuple(len(seg) for seg in segments)
-      self.blocks = nnx.data(None)
-    elif layout == "per_block":
-      self.blocks = nnx.List([b for stack, n in zip(self.block_stacks, self.stack_sizes)
-                              for b in unstack_blocks(stack, n)])
-      self.block_stacks, self.stack_sizes = nnx.data(None), ()
-    else:
-      raise ValueError(f"param_layout must be one of {PARAM_LAYOUTS}, got {layout!r}")
-    self.param_layout = layout
+  @property
+  def stack_sizes(self) -> tuple[int, ...]:
+    """Blocks per stack in the stacked layout; () in the per-block layout."""
+    return layout.stack_sizes(self)
 
   def block_list(self) -> list:
-    """Per block (length depth), the module holding it: the Block itself (per-block layout) or the stack of
-    its segment (stacked layout)."""
-    if self.param_layout == "per_block":
-      return list(self.blocks)
-    return [stack for stack, n in zip(self.block_stacks, self.stack_sizes) for _ in range(n)]
+    """Per block (length depth), the module holding it: the Block itself or the stack of its segment."""
+    return layout.block_list(self)
 
   def _run_functional(self, graphdef, state, n: int, x, grid, return_map):
     """Run n blocks of one graph as a pure function of their state, stacked along a leading axis when
@@ -383,33 +346,18 @@ class VisionTransformer(nnx.Module):
       maps.extend(amaps)
       reorgs.extend(reorg)
 
-    if self.param_layout == "stacked":
-      for stack, n in zip(self.block_stacks, self.stack_sizes):
-        graphdef, state = nnx.split(stack)
-        if n == 1:
-          state = jax.tree.map(lambda a: a[0], state)
-        x, toks, amaps, reorg, new = self._run_functional(graphdef, state, n, x, grid, return_map)
-        if new is not None:
-          nnx.update(stack, jax.tree.map(lambda a: a[None], new) if n == 1 else new)
-        add(toks, amaps, reorg)
-        if reorg[-1] is not None:
-          grid = None  # the patch grid no longer exists after a reorganisation
-      return x, tokens, maps, reorgs
-    for segment in self._segments():
-      if len(segment) > 1 or self.remat is True:
-        graphdef = nnx.graphdef(segment[0])
-        states = [nnx.state(b) for b in segment]
-        state = states[0] if len(segment) == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-        x, toks, amaps, reorg, new = self._run_functional(graphdef, state, len(segment), x, grid, return_map)
-        if new is not None:
-          for i, b in enumerate(segment):
-            nnx.update(b, new if len(segment) == 1 else jax.tree.map(lambda a: a[i], new))
-        add(toks, amaps, reorg)
-      else:
-        x, aux = segment[0](x, grid=grid, num_prefix=self.num_prefix_tokens, return_map=return_map)
+    for seg in layout.segments_to_run(self):
+      if seg.block is not None and self.remat is not True:
+        x, aux = seg.block(x, grid=grid, num_prefix=self.num_prefix_tokens, return_map=return_map)
         add([x], [aux["attn"]], [aux["reorg"]])
+      else:
+        graphdef, state = seg.functional()
+        x, toks, amaps, reorg, new = self._run_functional(graphdef, state, seg.n, x, grid, return_map)
+        if new is not None:
+          seg.write_back(new)
+        add(toks, amaps, reorg)
       if reorgs[-1] is not None:
-        grid = None
+        grid = None  # the patch grid no longer exists after a reorganisation
     return x, tokens, maps, reorgs
 
   def embed(self, images):
@@ -449,70 +397,3 @@ class VisionTransformer(nnx.Module):
     inter["pre_logits"] = pre_logits
     out = self.head(pre_logits) if self.head is not None else pre_logits
     return (out, inter) if return_intermediates else out
-
-
-def stack_blocks(blocks: Sequence[Block]) -> Block:
-  """One Block whose every variable has a leading axis of len(blocks) (the blocks must share one graph)."""
-  graphdef = nnx.graphdef(blocks[0])
-  if any(nnx.graphdef(b) != graphdef for b in blocks[1:]):
-    raise ValueError("only blocks with identical options can be stacked")
-  return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks]))
-
-
-def unstack_blocks(stack: Block, n: int) -> list[Block]:
-  """The n Blocks of a stack (inverse of `stack_blocks`)."""
-  graphdef, state = nnx.split(stack)
-  return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(n)]
-
-
-def with_param_layout(model, layout: str):
-  """`model` with its blocks stored in `layout` ('per_block' or 'stacked'): a new model sharing the arrays,
-  or `model` itself when it already is in that layout or has no such option (Shunted)."""
-  if getattr(model, "param_layout", layout) == layout:
-    if layout not in PARAM_LAYOUTS:
-      raise ValueError(f"param_layout must be one of {PARAM_LAYOUTS}, got {layout!r}")
-    return model
-  if any(not isinstance(x, (jax.Array, np.ndarray)) for x in jax.tree.leaves(nnx.state(model))):
-    # An abstract (nnx.eval_shape) model: convert its shapes.
-    return nnx.eval_shape(lambda m: with_param_layout(m, layout), model)
-  new = nnx.clone(model)
-  new._set_param_layout(layout)
-  return new
-
-
-
-def stack_block_tree(tree: dict, sizes: Sequence[int]) -> dict:
-  """A nested dict of a per-block model's variables (`nnx.to_pure_dict`: key 'blocks' -> {i: ...}) in the
-  stacked layout ('block_stacks' -> {j: ...} with leading axes `sizes`). Other keys pass through."""
-  if "blocks" not in tree:
-    return dict(tree)
-  blocks = tree["blocks"]
-  if sum(sizes) != len(blocks):
-    raise ValueError(f"stack sizes {tuple(sizes)} cover {sum(sizes)} blocks, the tree has {len(blocks)}")
-  out = {k: v for k, v in tree.items() if k != "blocks"}
-  starts = np.cumsum((0,) + tuple(sizes))
-  out["block_stacks"] = {j: jax.tree.map(_stack_leaves, *[blocks[i] for i in range(a, a + n)])
-                         for j, (a, n) in enumerate(zip(starts, sizes))}
-  return out
-
-
-def _stack_leaves(*xs):
-  if isinstance(xs[0], jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct((len(xs),) + tuple(xs[0].shape), xs[0].dtype)
-  return jnp.stack(xs) if isinstance(xs[0], jax.Array) else np.stack(xs)
-
-
-def _leaf_of_stack(a, t: int):
-  return jax.ShapeDtypeStruct(tuple(a.shape[1:]), a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a[t]
-
-
-def unstack_block_tree(tree: dict, sizes: Sequence[int]) -> dict:
-  """Inverse of `stack_block_tree`."""
-  if "block_stacks" not in tree:
-    return dict(tree)
-  out = {k: v for k, v in tree.items() if k != "block_stacks"}
-  out["blocks"] = {}
-  for j, n in enumerate(sizes):
-    for t in range(n):
-      out["blocks"][len(out["blocks"])] = jax.tree.map(lambda a: _leaf_of_stack(a, t), tree["block_stacks"][j])
-  return out

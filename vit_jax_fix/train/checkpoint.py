@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vit_jax_fix import errors
+from vit_jax_fix.models import layout as param_layout
 
 ITEMS = ("state", "meta")
 QUARANTINE = "corrupt_checkpoints"
@@ -272,9 +273,8 @@ def restore_latest_good(workdir: str, make_manager, abstract_state, *, model: st
       lines = shape_mismatches(expected, found)
       if lines:
         mngr.close()
-        stacked = lambda table: any("/block_stacks/" in k for k in table)
-        if stacked(expected) != stacked(found):
-          layout = "stacked" if stacked(found) else "per_block"
+        layout = param_layout.layout_of_paths(found)
+        if layout != param_layout.layout_of_paths(expected):
           hint = (f"The checkpoint stores the blocks in the other parameter layout ({layout!r}; checkpoints "
                   f"written before the stacked layout store them per block): resume it with "
                   f"--config.model.overrides.param_layout={layout}.")

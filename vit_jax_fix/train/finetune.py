@@ -49,8 +49,8 @@ def resize_pos_embed(pe: np.ndarray, target_shape, num_prefix: int) -> np.ndarra
 
 def _pure(model):
   """(params, batch_stats) of a model as numpy nested dicts, blocks per block."""
-  from vit_jax_fix.models.vit import with_param_layout
-  _, p, _, s = nnx.split(with_param_layout(model, "per_block"), nnx.Param, nnx.RngState, ...)
+  from vit_jax_fix.models import layout
+  _, p, _, s = nnx.split(layout.with_param_layout(model, layout.PER_BLOCK), nnx.Param, nnx.RngState, ...)
   return jax.tree.map(np.asarray, nnx.to_pure_dict(p)), jax.tree.map(np.asarray, nnx.to_pure_dict(s))
 
 

@@ -11,7 +11,7 @@
 * EMA of the parameters: ``optax.incremental_update`` (timm ModelEma), applied after each real update.
 
 Stacked blocks (``block_stacks/...``, a leading block axis) are treated as the blocks they hold: the decay
-mask looks at one block's rank, and the trust ratio is computed per block (``per_block``), so the update
+mask looks at one block's rank, and the trust ratio is computed per block (``blockwise``), so the update
 is the one of the per-block layout.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ import re
 import jax
 import optax
 
+from vit_jax_fix.models import layout
 from vit_jax_fix.train import config as config_lib
-from vit_jax_fix.train.sharding import STACKED
 
 
 def schedule(config, total_updates: int, steps_per_epoch: int) -> optax.Schedule:
@@ -42,28 +42,24 @@ def _path_str(path) -> str:
   return "/".join(parts)
 
 
-def _stacked(name: str) -> bool:
-  return bool(STACKED.search(name))
-
-
 def decay_mask(params, exempt=("pos_embed", "cls_token", "dist_token")):
   """True for parameters that get weight decay: ndim > 1 (per block) and no name in `exempt` (regexes)."""
   pats = [re.compile(p) for p in exempt]
 
   def decide(path, x):
     name = _path_str(path)
-    return bool(x.ndim - _stacked(name) > 1 and not any(p.search(name) for p in pats))
+    return bool(x.ndim - layout.is_stacked_path(path) > 1 and not any(p.search(name) for p in pats))
   return jax.tree.map_with_path(decide, params)
 
 
-def per_block(transform: optax.GradientTransformation) -> optax.GradientTransformation:
+def blockwise(transform: optax.GradientTransformation) -> optax.GradientTransformation:
   """A stateless per-leaf transform (e.g. the trust ratio) applied to each block of a stacked leaf
   separately (jax.vmap over the block axis), to other leaves as is."""
 
   def update_fn(updates, state, params=None):
     def one(path, u, p):
       f = lambda u, p: transform.update(u, transform.init(p), p)[0]
-      return jax.vmap(f)(u, p) if _stacked(_path_str(path)) else f(u, p)
+      return layout.map_blocks(f, path, u, p)
     return jax.tree.map_with_path(one, updates, params), state
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
@@ -81,7 +77,7 @@ def make_optimizer(config, params, total_updates: int, steps_per_epoch: int):
   else:  # lamb, apex FusedLAMB semantics: trust ratio only where weight decay applies
     parts += [optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
               optax.add_decayed_weights(o.weight_decay, mask=mask),
-              optax.masked(per_block(optax.scale_by_trust_ratio()), mask),
+              optax.masked(blockwise(optax.scale_by_trust_ratio()), mask),
               optax.scale_by_learning_rate(lr)]
   tx = optax.chain(*parts)
   if int(o.grad_accum_steps) > 1:

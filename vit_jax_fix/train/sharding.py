@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from vit_jax_fix.models import layout
+
 AXES = ("data", "fsdp")
 BATCH_SPEC = jax.P(AXES)
 
@@ -42,9 +44,6 @@ def mesh_from_config(config) -> jax.sharding.Mesh:
 
 def path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
-STACKED = re.compile(r"(^|/)block_stacks/")
 
 
 def fsdp_spec(shape, fsdp_size: int, min_size: int, *, first_axis: int = 0) -> jax.P:
@@ -77,7 +76,7 @@ def partition_specs(tree, *, strategy: str = "replicated", fsdp_size: int = 1, m
         break
     if how != "fsdp":
       return jax.P()
-    return fsdp_spec(shape, fsdp_size, min_size, first_axis=1 if STACKED.search(name) else 0)
+    return fsdp_spec(shape, fsdp_size, min_size, first_axis=1 if layout.is_stacked_path(path) else 0)
   return jax.tree.map_with_path(spec, tree)
 
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vit_jax_fix.models import registry, vit
+from vit_jax_fix.models import layout, registry
 
 
 
@@ -42,11 +42,6 @@ def model_kwargs(config, num_classes: int | None = None, image_size: int | None 
 
 def _copy(state):
   return jax.tree.map(lambda x: x, state)
-
-
-def has_param_layout(name: str) -> bool:
-  """Whether the model family has the `param_layout` option (the ViT backbone; not Shunted)."""
-  return "param_layout" in registry.valid_overrides(registry.get_spec(name).builder)
 
 
 @dataclasses.dataclass
@@ -70,29 +65,26 @@ class ModelDef:
   def create(cls, name: str, *, param_layout: str | None = None, **kwargs) -> "ModelDef":
     """param_layout: None picks 'stacked' where possible; kwargs['param_layout'] (a model override) wins."""
     build = dict(kwargs)
-    if has_param_layout(name):
-      layout = build.get("param_layout") or param_layout or (
-          "stacked" if build.get("scan_blocks", True) else "per_block")
-      build["param_layout"] = layout
-    else:
-      layout = None
+    chosen = layout.resolve(registry.get_spec(name).builder, build, param_layout)
+    if chosen is not None:
+      build["param_layout"] = chosen
     abstract = nnx.eval_shape(lambda: registry.create_model(name, **build))
     abstract.train()
     g_train, p, r, s = nnx.split(abstract, nnx.Param, nnx.RngState, ...)
     abstract.eval()
     g_eval = nnx.split(abstract, nnx.Param, nnx.RngState, ...)[0]
-    return cls(name, dict(kwargs), g_train, g_eval, p, s, r, layout, tuple(getattr(abstract, "stack_sizes", ())))
+    return cls(name, dict(kwargs), g_train, g_eval, p, s, r, chosen, layout.stack_sizes(abstract))
 
   def _build_kwargs(self) -> dict:
     return dict(self.kwargs, param_layout=self.param_layout) if self.param_layout else dict(self.kwargs)
 
   def per_block(self, tree: dict) -> dict:
     """A params / batch_stats nested dict in the per-block layout (unchanged if it already is)."""
-    return vit.unstack_block_tree(tree, self.stack_sizes) if self.param_layout == "stacked" else tree
+    return layout.tree_in_layout(tree, layout.PER_BLOCK, self.stack_sizes)
 
   def train_layout(self, tree: dict) -> dict:
     """A params / batch_stats nested dict (either layout) in this ModelDef's layout."""
-    return vit.stack_block_tree(tree, self.stack_sizes) if self.param_layout == "stacked" else tree
+    return layout.tree_in_layout(tree, self.param_layout, self.stack_sizes)
 
   def with_keep_rate(self, rate: float) -> "ModelDef":
     """The same model whose train graphdef runs EViT at keep rate `rate` in its reorganising blocks (the
@@ -145,7 +137,7 @@ class ModelDef:
     params and batch_stats may come in either layout."""
     m = self.merge(self.train_layout(params), self.train_layout(batch_stats), train=train)
     m.train() if train else m.eval()
-    return vit.with_param_layout(m, "per_block")
+    return layout.with_param_layout(m, layout.PER_BLOCK)
 
 
 def init_train_state(model_def: ModelDef, tx, seed: int, ema: bool):
