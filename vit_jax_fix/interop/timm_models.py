@@ -9,10 +9,11 @@
 Key names: timm's ViT keys are the official DeiT keys; DeiT III's `blocks.i.gamma_{1,2}` become
 `blocks.i.ls{1,2}.gamma` (`state_dict.py`, layout='timm'); timm's Cait keeps the official CaiT names.
 
-A model is representable in timm only when it uses no option timm lacks (talking heads outside CaiT,
-AttnScale, FeatScale, re-attention, augmented shortcuts, EViT token reorganisation, the CNN stem, scale
-adjustment, a non-default qk_scale, LayerNorm eps other than 1e-6, per-block LayerScale values...). Then
-`timm_config` raises `TimmUnsupported` naming the options; export those models with layout='official'.
+A model is representable in timm only when it uses no option timm lacks (the rows of
+`vit_jax_fix.models.options` marked LACKS: AttnScale, FeatScale, re-attention, augmented shortcuts, EViT token
+reorganisation, the CNN stem, scale adjustment, LayerNorm eps other than 1e-6; and here: talking heads outside
+CaiT, a non-default qk_scale, per-block LayerScale values...). Otherwise `timm_config` raises
+`TimmUnsupported` naming the options; export those models with layout='official'.
 The other families (augvit, deepvit, ao, evit, shunted) come from official repositories that are not on
 PyPI; their parity is tested against golden outputs of the official code instead (tests/data/golden).
 """
@@ -20,39 +21,12 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
 
 from vit_jax_fix import errors
+from vit_jax_fix.models import options
 from vit_jax_fix.models.registry import get_spec, resolve_kwargs
 
 TIMM_FAMILIES = ("deit", "deit3", "cait")
-
-# Options of our backbone that no timm model has (timm's models always have the neutral value).
-_FIXES = ("attn_scale", "reattention", "feat_scale", "aug_shortcut", "keep_rate", "stem", "scale_adjustment",
-          "norm_eps")
-
-
-def _active(key: str, value) -> bool:
-  if isinstance(value, (list, tuple)):
-    return any(_active(key, v) for v in value)
-  if key == "keep_rate":
-    return float(value) < 1.0
-  if key == "stem":
-    return value != "patch"
-  if key == "scale_adjustment":
-    return float(value) != 1.0
-  if key == "norm_eps":
-    return not math.isclose(float(value), 1e-6)
-  if key in ("feat_scale", "aug_shortcut"):
-    return value is not None
-  return bool(value)  # attn_scale, reattention: a bool, 'last:K', or block indices
-
-
-# Options that only change training or numerics, never the weights or the eval function.
-_IGNORED = {"drop_rate", "attn_drop_rate", "drop_path_rate", "drop_path_schedule", "dtype", "precision",
-            "feat_scale_bands", "feat_scale_impl", "circulant_impl", "num_cir", "aug_paper_form",
-            "keep_rate_blocks", "class_attn_layer_scale", "fuse_token",
-            "reattention_scale"}
 
 
 class TimmUnsupported(errors.UsageError, ValueError):
@@ -83,6 +57,15 @@ def _timm_name(name: str, family: str) -> str:
   raise TimmUnsupported(f"family {family!r} has no timm model; use layout='official'")
 
 
+def _all_default(opt: options.Option, kw: dict) -> bool:
+  """Whether option `opt` has its default in every block of the model built from `kw`."""
+  try:
+    values = opt.values(kw[opt.name], int(kw["depth"]), kw)
+  except ValueError:  # an invalid value (create_model says why): judge the value as given
+    values = [kw[opt.name]]
+  return all(opt.is_default(v) for v in values)
+
+
 def _uniform(value, what, problems):
   """One value for every block (timm has no per-block choice)."""
   if isinstance(value, (list, tuple)):
@@ -102,9 +85,9 @@ def timm_config(name: str, **overrides) -> tuple[str, dict]:
                           f"(timm families: {TIMM_FAMILIES}). Export it with layout='official'.")
   kw = full_kwargs(name, **overrides)
   problems = []
-  for key in _FIXES:
-    if key in kw and _active(key, kw[key]):
-      problems.append(f"{key}={kw[key]!r}")
+  for opt in options.timm_lacks():   # each must keep its default in every block
+    if opt.name in kw and not _all_default(opt, kw):
+      problems.append(f"{opt.name}={kw[opt.name]!r}")
   head_dim = kw["embed_dim"] // kw["num_heads"]
   if kw.get("qk_scale") is not None and not math.isclose(kw["qk_scale"], head_dim ** -0.5):
     problems.append(f"qk_scale={kw['qk_scale']!r}")

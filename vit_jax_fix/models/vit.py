@@ -1,24 +1,12 @@
 """The one ViT backbone: a pre-norm Block that composes every fix, and the VisionTransformer around it.
 
-Every family of the zoo is this backbone with options (see `registry.py` for the official names):
-
-| option (block)            | fix                                   | official quirk reproduced by default       |
-|---------------------------|---------------------------------------|--------------------------------------------|
-| layer_scale=init          | LayerScale (CaiT, DeiT III)           | per-channel gamma_1 / gamma_2              |
-| talking_heads             | CaiT talking-heads attention          | proj_l before, proj_w after the softmax    |
-| attn_scale                | AttnScale (high-pass attention gain)  | N counts every token of that attention     |
-| feat_scale='double'|'single' | FeatScale as FFT band gains         | ViT code adds the term twice ('double')    |
-| reattention               | DeepViT re-attention                  | BatchNorm over heads, optional * scale     |
-| aug_shortcut              | AugViT augmented shortcuts            | paths read LN(x), x 3/4 in two-path modes  |
-| scale_adjustment=a        | DeepViT-S/L LN(a x) and branch / a    |                                            |
-| keep_rate < 1             | EViT token reorganisation             | ceil(k), fused token last                  |
-
-Block-level options accept one value for all blocks or one per block; boolean fixes also accept
-'last:K' / 'first:K' or a list of block indices, e.g. `reattention='last:4'`.
-
-Backbone options: `pos_embed='cls'` (DeiT: a slot for the class token, added after concatenation) or
-'patches' (DeiT III, CaiT: patches only, class token concatenated afterwards); `stem='patch'|'cnn'`;
-`class_attn_depth > 0` appends CaiT's class-attention blocks (class token joins only there).
+Every family of the zoo is this backbone with options (see `registry.py` for the official names). The options,
+one row each in `options.py` (default, how the blocks take it, what timm makes of it, README text): LayerScale,
+CaiT talking heads and class attention, AttnScale, FeatScale, DeepViT re-attention and scale adjustment, AugViT
+augmented shortcuts, EViT token reorganisation, the position-embedding and stem variants. Block-level options
+accept one value for all blocks or one per block; boolean fixes also accept 'last:K' / 'first:K' or a list of
+block indices, e.g. `reattention='last:4'`. Where the blocks keep their parameters (`param_layout`) is
+`layout.py`.
 """
 from __future__ import annotations
 
@@ -29,17 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_jax_fix.models import layers, layout, shortcuts, spectral, token_reorg
+from vit_jax_fix.models import layers, layout, options, shortcuts, spectral, token_reorg
 from vit_jax_fix.models.attention import Attention, ClassAttention
-# The parameter layout lives in models/layout.py; these names stay importable from here.
+# The parameter layout lives in models/layout.py, the option table in models/options.py; these names stay
+# importable from here.
 from vit_jax_fix.models.layout import (LAYOUTS as PARAM_LAYOUTS, stack_block_tree,  # noqa: F401
                                        unstack_block_tree, with_param_layout)
+from vit_jax_fix.models.options import select_blocks  # noqa: F401
 
 FEAT_SCALE_MODES = (None, "double", "single")
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block; every fix is an option (see the module docstring)."""
+  """Pre-norm transformer block; every fix is an option (one row each in `options.py`)."""
 
   @property
   def torch_child_names(self):
@@ -163,24 +153,6 @@ class ClassAttentionBlock(nnx.Module):
     return cls, probs
 
 
-def select_blocks(value: Any, depth: int, name: str) -> tuple:
-  """Per-block values from one value, a per-block list, 'last:K' / 'first:K', or a list of indices."""
-  if isinstance(value, str) and ":" in value:
-    where, _, k = value.partition(":")
-    if where not in ("last", "first") or not k.isdigit() or int(k) > depth:
-      raise ValueError(f"{name}={value!r}: use 'last:K' or 'first:K' with K <= depth ({depth})")
-    k = int(k)
-    return tuple((i >= depth - k) if where == "last" else (i < k) for i in range(depth))
-  if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, np.integer))
-                                                         and not isinstance(v, bool) for v in value):
-    # A list of block indices (negative counts from the end); a list of booleans is the per-block form.
-    chosen = {i % depth for i in value}
-    if any(not -depth <= i < depth for i in value):
-      raise ValueError(f"{name}: block indices {list(value)} out of range for depth {depth}")
-    return tuple(i in chosen for i in range(depth))
-  return layers.as_tuple(value, depth, name)
-
-
 class VisionTransformer(nnx.Module):
 
   def __init__(self, *, img_size: int | Sequence[int] = 224, patch_size: int = 16, in_chans: int = 3,
@@ -196,6 +168,7 @@ class VisionTransformer(nnx.Module):
                scale_adjustment: float = 1.0, keep_rate: Any = 1.0, keep_rate_blocks: Sequence[int] | None = None,
                fuse_token: bool = False, scan_blocks: bool = True, remat: bool | str = "dots",
                param_layout: str = layout.PER_BLOCK, dtype=None, precision=None, rngs: nnx.Rngs | None = None):
+    args = {k: v for k, v in locals().items() if k not in ("self", "rngs")}   # as options.OPTIONS names them
     rngs = rngs if rngs is not None else nnx.Rngs(params=0, dropout=1)
     # Consecutive blocks with the same graph run under one jax.lax.scan (with either parameter layout,
     # see param_layout below). On by default: compile time no longer
@@ -241,45 +214,25 @@ class VisionTransformer(nnx.Module):
       dpr = [float(drop_path_rate)] * depth
     else:
       raise ValueError(f"drop_path_schedule must be 'linear' or 'constant', got {drop_path_schedule!r}")
-    if keep_rate_blocks is not None:
-      if isinstance(keep_rate, (list, tuple)):
-        raise ValueError("give keep_rate as one float when keep_rate_blocks selects the blocks")
-      chosen = {i % depth for i in keep_rate_blocks}
-      keep = tuple(float(keep_rate) if i in chosen else 1.0 for i in range(depth))
-    else:
-      keep = layers.as_tuple(keep_rate, depth, "keep_rate")
+    # Every block's arguments, each option broadcast by its rule in options.OPTIONS.
+    block_args = options.block_arguments(args, depth)
+    keep, fs = block_args["keep_rate"], block_args["feat_scale"]
     if any(k < 1.0 for k in keep) and self.num_prefix_tokens == 0:
       raise ValueError("EViT token reorganisation scores tokens by the class token's attention; "
                        "it cannot run in CaiT's self-attention stage, which has no class token")
-    fs = layers.as_tuple(feat_scale, depth, "feat_scale")
     if feat_scale_bands > 2 and any(k < 1.0 for k in keep):
       first_reorg = min(i for i, k in enumerate(keep) if k < 1.0)
       if any(f for f in fs[first_reorg + 1:]):
         raise ValueError("FeatScale with more than 2 bands works on the patch grid, which EViT token "
                          "reorganisation breaks; use feat_scale_bands=2 with keep_rate < 1")
-    per_block = dict(
-        layer_scale=layers.as_tuple(layer_scale, depth, "layer_scale"),
-        talking_heads=select_blocks(talking_heads, depth, "talking_heads"),
-        attn_scale=select_blocks(attn_scale, depth, "attn_scale"),
-        reattention=select_blocks(reattention, depth, "reattention"),
-        feat_scale=fs,
-        aug_shortcut=layers.as_tuple(aug_shortcut, depth, "aug_shortcut"),
-        keep_rate=keep,
-        drop_path=dpr,
-    )
     self.blocks = nnx.List([
-        Block(embed_dim, num_heads, rngs=rngs, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
-              drop=drop_rate, attn_drop=attn_drop_rate, norm_eps=norm_eps,
-              reattention_scale=reattention_scale, feat_scale_bands=feat_scale_bands,
-              feat_scale_impl=feat_scale_impl, num_cir=num_cir, circulant_impl=circulant_impl,
-              aug_paper_form=aug_paper_form, scale_adjustment=scale_adjustment, fuse_token=fuse_token,
-              drop_path_active=drop_path_rate > 0, dtype=dtype, precision=precision,
-              **{k: v[i] for k, v in per_block.items()})
+        Block(embed_dim, num_heads, rngs=rngs, drop_path=dpr[i], drop_path_active=drop_path_rate > 0,
+              **{k: v[i] for k, v in block_args.items()})
         for i in range(depth)])
     self.block_stacks = nnx.data(None)
     layout.set_layout(self, param_layout)
     if class_attn_depth:
-      ls = class_attn_layer_scale if class_attn_layer_scale is not None else per_block["layer_scale"][-1]
+      ls = class_attn_layer_scale if class_attn_layer_scale is not None else block_args["layer_scale"][-1]
       self.blocks_token_only = nnx.List([
           ClassAttentionBlock(embed_dim, num_heads, rngs=rngs, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                               qk_scale=qk_scale, norm_eps=norm_eps, layer_scale=ls if ls is not None else 1e-5,
