@@ -11,7 +11,7 @@ to-torch writes timm's layout for models timm has (ViT/DeiT/DeiT III/CaiT withou
 `timm.create_model(<timm_model>, pretrained=True, pretrained_cfg_overlay=dict(file=PATH, num_classes=N),
 **timm_kwargs)`, both stored in the file's metadata) and the official repository's layout for the others;
 `--layout` forces one. from-torch writes `DIR/checkpoints/0/{state,meta}` (see
-`vit_jax_fix.interop.checkpoint_io.save_trainer_checkpoint`), which `config.init_from.path=DIR` and
+`vit_jax_fix.train.checkpoint.save_model`), which `config.init_from.path=DIR` and
 `vit_jax_fix.train.checkpoint.load_model(DIR)` read.
 """
 from __future__ import annotations
@@ -63,7 +63,8 @@ def import_weights(weights: str | None, out: str, *, name: str | None = None, ov
   """PyTorch / npz file -> trainer checkpoint in `out`. Returns a summary dict. `weights=None`: the registry's
   released file of `name` (`interop.weights.resolve`: cache, mirror or download), read with the table's layout
   unless `layout` names one."""
-  from vit_jax_fix.interop.checkpoint_io import load_torch, save_trainer_checkpoint
+  from vit_jax_fix.interop.checkpoint_io import load_torch
+  from vit_jax_fix.train.checkpoint import save_model
   if weights is None:
     if not name:
       raise errors.ArgumentError("from-torch needs --weights FILE, or --name NAME of a model whose authors released "
@@ -79,7 +80,7 @@ def import_weights(weights: str | None, out: str, *, name: str | None = None, ov
     model, info = load_npz(weights, name, overrides, resize=resize)
   else:
     model, info = load_torch(weights, name, overrides, layout=layout, ema=ema, allow_pickle=allow_pickle)
-  path = save_trainer_checkpoint(model, out, name=info["name"], overrides=info["overrides"], source=weights)
+  path = save_model(model, out, name=info["name"], overrides=info["overrides"], source=weights)
   return {"checkpoint": path, **{k: v for k, v in info.items() if k != "metadata"}}
 
 

@@ -291,34 +291,3 @@ def load_torch(path: str, name: str | None = None, overrides: dict | None = None
   info.update(name=name, overrides=overrides, layout=layout)
   return model, info
 
-
-def save_trainer_checkpoint(model, out_dir: str, *, name: str, overrides: dict | None = None, step: int = 0,
-                            source: str = "") -> str:
-  """Write `model` as a trainer checkpoint: `<out_dir>/checkpoints/<step>/{state,meta}` (Orbax
-  CheckpointManager with items 'state' (StandardSave of {'params', 'batch_stats'}: the nested pure dicts of
-  nnx.Param and of the remaining non-RNG variables, exactly `ModelDef`'s trees) and 'meta' (JSON:
-  model_name, model_kwargs, has_ema=False, num_classes, image_size, preprocessing, source)). It is read by
-  `vit_jax_fix.train.checkpoint.load_model(out_dir)` and by `config.init_from.path = out_dir`."""
-  import jax
-  from flax import nnx
-  from vit_jax_fix.interop.timm_models import full_kwargs
-  from vit_jax_fix.models.registry import get_spec
-  from vit_jax_fix.train import checkpoint as ckpt
-  from vit_jax_fix.models.vit import with_param_layout
-  overrides = _jsonable({k: v for k, v in dict(overrides or {}).items() if k != "param_layout"})
-  _, params, _, stats = nnx.split(with_param_layout(model, "per_block"), nnx.Param, nnx.RngState, ...)
-  to_np = lambda t: jax.tree.map(np.asarray, nnx.to_pure_dict(t))
-  state = {"params": to_np(params), "batch_stats": to_np(stats)}
-  kw = full_kwargs(name, **overrides)
-  img = kw.get("img_size", 224)
-  meta = {"model_name": name, "model_kwargs": overrides, "has_ema": False,
-          "num_classes": int(kw.get("num_classes", 0)),
-          "image_size": int(img[0] if isinstance(img, (list, tuple)) else img),
-          "preprocessing": _jsonable(get_spec(name).preprocessing()), "source": str(source)}
-  mngr = ckpt.manager(out_dir, max_to_keep=None)
-  try:
-    ckpt.save(mngr, step, state, meta, force=True)
-    mngr.wait_until_finished()
-  finally:
-    mngr.close()
-  return os.path.join(ckpt.checkpoint_dir(out_dir), str(step))

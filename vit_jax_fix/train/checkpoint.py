@@ -68,6 +68,26 @@ def read_meta(mngr, step: int) -> dict:
   return dict(mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 
+def _plain(tree):
+  """JSON values: numpy scalars become Python numbers, tuples lists, other objects (a dtype) their str."""
+  return json.loads(json.dumps(tree, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
+
+
+def model_meta(name: str, model_kwargs: dict, *, num_classes: int, image_size: int, has_ema: bool = False,
+               layout: str | None = None, source: str | None = None) -> dict:
+  """The 'meta' item of every checkpoint (the training loop's and `save_model`'s): what rebuilds the model
+  (registered name, constructor overrides, `param_layout` of the stored blocks; None for models without the
+  option) and what feeds it (num_classes, image_size, the registry's preprocessing), whether the state holds
+  EMA weights, and for an imported checkpoint the file it was converted from (`source`)."""
+  from vit_jax_fix.models import registry
+  meta = {"model_name": name, "model_kwargs": _plain(dict(model_kwargs)), "has_ema": bool(has_ema),
+          "param_layout": layout, "num_classes": int(num_classes), "image_size": int(image_size),
+          "preprocessing": _plain(registry.model_defaults(name))}
+  if source is not None:
+    meta["source"] = str(source)
+  return meta
+
+
 def _locate(path: str):
   """(checkpoints dir root workdir, step) from a workdir, its checkpoints dir or one step dir."""
   path = os.path.abspath(path)
@@ -119,6 +139,38 @@ def load_model(path_or_workdir: str, name: str | None = None, ema: bool = False)
   if name is not None and name != meta["model_name"]:
     raise CheckpointMismatchError(f"checkpoint holds {meta['model_name']!r}, not {name!r}")
   return model_def.model(params, stats, train=False)
+
+
+def model_trees(model) -> dict:
+  """{'params', 'batch_stats'} of a model as host numpy nested dicts (nnx.Param, and every other non-RNG
+  variable), the trees a checkpoint's 'state' stores; blocks as the model stores them."""
+  from flax import nnx
+  _, params, _, stats = nnx.split(model, nnx.Param, nnx.RngState, ...)
+  to_np = lambda t: jax.tree.map(np.asarray, nnx.to_pure_dict(t))
+  return {"params": to_np(params), "batch_stats": to_np(stats)}
+
+
+def save_model(model, out_dir: str, *, name: str, overrides: dict | None = None, step: int = 0,
+               source: str = "") -> str:
+  """Write `model` (built as `create_model(name, **overrides)`, e.g. loaded from PyTorch or npz weights) as a
+  trainer checkpoint `<out_dir>/checkpoints/<step>/{state,meta}`: 'state' is `model_trees` with the blocks per
+  block, 'meta' is `model_meta` without EMA. `load_model(out_dir)` and `config.init_from.path =
+  out_dir` read it (`python -m vit_jax_fix.convert from-torch`). Returns the step directory."""
+  from vit_jax_fix.interop.timm_models import full_kwargs
+  overrides = {k: v for k, v in dict(overrides or {}).items() if k != "param_layout"}
+  model = param_layout.with_param_layout(model, param_layout.PER_BLOCK)
+  kw = full_kwargs(name, **overrides)
+  img = kw.get("img_size", 224)
+  meta = model_meta(name, overrides, num_classes=int(kw.get("num_classes", 0)),
+                    image_size=int(img[0] if isinstance(img, (list, tuple)) else img),
+                    layout=param_layout.layout_of(model), source=source)
+  mngr = manager(out_dir, max_to_keep=None)
+  try:
+    save(mngr, step, model_trees(model), meta, force=True)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+  return os.path.join(checkpoint_dir(out_dir), str(step))
 
 
 class PreemptionFlag:

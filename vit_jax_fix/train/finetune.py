@@ -3,7 +3,7 @@
 Sources: ``init_from.pretrained=True`` (the authors' released weights of ``config.model.name``, from the
 registry's weights table through ``vit_jax_fix.interop.weights.resolve``: downloaded once into the cache,
 read with the table's key layout), a trainer workdir / checkpoint dir (ours, or one written by
-``interop.save_trainer_checkpoint``), a
+``train.checkpoint.save_model``), a
 PyTorch ``.pth/.pt/.bin/.safetensors`` file (read by ``vit_jax_fix.interop.checkpoint_io.read_state_dict``:
 ``weights_only`` loading, ``{'model'|'state_dict'|'state_dict_ema'}`` wrappers, ``module.`` prefixes) or a
 Google ViT ``.npz`` (``vit_jax_fix.interop.npz.load_npz``).
@@ -22,7 +22,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from vit_jax_fix import errors
 from vit_jax_fix.interop.position import resize_pos_embed as _torch_exact_resize
@@ -50,8 +49,9 @@ def resize_pos_embed(pe: np.ndarray, target_shape, num_prefix: int) -> np.ndarra
 def _pure(model):
   """(params, batch_stats) of a model as numpy nested dicts, blocks per block."""
   from vit_jax_fix.models import layout
-  _, p, _, s = nnx.split(layout.with_param_layout(model, layout.PER_BLOCK), nnx.Param, nnx.RngState, ...)
-  return jax.tree.map(np.asarray, nnx.to_pure_dict(p)), jax.tree.map(np.asarray, nnx.to_pure_dict(s))
+  from vit_jax_fix.train.checkpoint import model_trees
+  trees = model_trees(layout.with_param_layout(model, layout.PER_BLOCK))
+  return trees["params"], trees["batch_stats"]
 
 
 def _from_torch(path: str, name: str, kwargs: dict, layout: str, ema: bool):

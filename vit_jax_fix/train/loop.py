@@ -165,10 +165,9 @@ class Setup:
     return ckpt.abstract_like(self.abstract_state, self.state_sh)
 
   def meta(self) -> dict:
-    return {"model_name": self.model_def.name, "model_kwargs": self.model_def.kwargs, "has_ema": self.ema,
-            "param_layout": self.model_def.param_layout,
-            "num_classes": self.num_classes, "image_size": int(self.config.data.image_size),
-            "preprocessing": self.model_defaults}
+    return ckpt.model_meta(self.model_def.name, self.model_def.kwargs, num_classes=self.num_classes,
+                           image_size=int(self.config.data.image_size), has_ema=self.ema,
+                           layout=self.model_def.param_layout)
 
   def train_batches(self, start_step: int):
     return data_lib.build_train_iterator(self.config.data, global_batch_size=self.micro_batch,
