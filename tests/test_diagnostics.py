@@ -238,11 +238,21 @@ def test_log_diagnostics_and_hook(tiny_models):
   assert len(tw.calls) == len(values) and all(c[2] == 3 and c[0].startswith("diag/") for c in tw.calls)
 
 
-def test_checkpoint_loader_raises_clearly_without_trainer(monkeypatch):
-  import sys
-  monkeypatch.setitem(sys.modules, "vit_jax_fix.train.checkpoint", None)
-  with pytest.raises(RuntimeError, match="load_model"):
-    D.load_checkpoint_model("/nonexistent", "deit_tiny_patch16_224")
+def test_cli_loads_trainer_checkpoints(tmp_path):
+  """The CLI (an application) loads trainer checkpoints; the diagnostics library never imports the trainer."""
+  from vit_jax_fix import diagnose
+  from vit_jax_fix.interop.testing import random_model
+  from vit_jax_fix.train.checkpoint import CheckpointMismatchError, save_model
+  model = random_model("deit_tiny_patch16_224", **TINY)
+  save_model(model, str(tmp_path), name="deit_tiny_patch16_224", overrides=TINY)
+  with pytest.warns(UserWarning, match="ignored"):
+    loaded = diagnose.load_checkpoint_model(str(tmp_path), "deit_tiny_patch16_224", depth=5)
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  model.eval()
+  np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-5)
+  with pytest.raises(CheckpointMismatchError, match="deit_tiny_patch16_224"):
+    diagnose.load_checkpoint_model(str(tmp_path), "deit_small_patch16_224")
+  assert not hasattr(D, "load_checkpoint_model")
 
 
 def test_cli_two_models_writes_json_and_plots(tmp_path):

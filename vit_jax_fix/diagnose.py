@@ -89,8 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def load_checkpoint_model(path: str, model_name: str, **overrides):
+  """The eval-mode model of a trainer checkpoint (a workdir, meaning its latest step, or one step dir). The
+  checkpoint stores its own model definition: `model_name` must match it, and overrides are ignored (with a
+  warning)."""
+  from vit_jax_fix.train.checkpoint import load_model
+  if overrides:
+    import warnings
+    warnings.warn(f"model overrides {sorted(overrides)} are ignored for checkpoint {path!r}: the checkpoint "
+                  "stores its own model definition")
+  return load_model(path, name=model_name)
+
+
 def build_models(args) -> dict:
-  from vit_jax_fix.diagnostics import load_checkpoint_model
   from vit_jax_fix.models.registry import create_model
 
   common = dict(parse_model_spec("x:" + ",".join(args.set))[1]) if args.set else {}

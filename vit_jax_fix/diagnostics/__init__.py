@@ -11,7 +11,8 @@ Python API (the notebooks use this):
     diagnostics.log_diagnostics(writer, step, res)                 # TensorBoard scalars (trainer hook)
 
 Measures and their exact definitions: `measures.py`; aggregation and output keys: `collect.py`; the CLI:
-`python -m vit_jax_fix.diagnose`.
+`python -m vit_jax_fix.diagnose`. A library: it measures models it is given and never imports the trainer
+(the CLI loads trainer checkpoints; the trainer calls `DiagnosticsHook`).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from vit_jax_fix.diagnostics.plots import (plot_all, plot_attention_similarity, 
 
 __all__ = [
     "DiagnosticsConfig", "MEASURE_NAMES", "collect", "dataset_batches", "diagnose", "finalize",
-    "load_checkpoint_model", "log_diagnostics", "make_batches", "measure_fn", "measures", "plot_all",
+    "log_diagnostics", "make_batches", "measure_fn", "measures", "plot_all",
     "plot_attention_similarity", "plot_hf_bands", "plot_measures_vs_depth", "random_batches",
     "DiagnosticsHook",
 ]
@@ -56,51 +57,6 @@ def diagnose(models: Mapping[str, Any], data: str | Iterable = "demo", *,
     batches = make_batches(model, data, batch_size=batch_size, num_batches=num_batches, seed=seed)
     out[label] = collect(model, batches, cfg, num_batches=num_batches, progress=progress, desc=label)
   return out
-
-
-def load_checkpoint_model(path: str, model_name: str, **overrides):
-  """The eval-mode model of a trainer checkpoint (a workdir, meaning its latest step, or one step dir), via
-  `vit_jax_fix.train.checkpoint.load_model(path, name=model_name)`; the trainer owns the checkpoint format.
-  Raises a clear error when that API is not importable."""
-  import importlib
-  try:
-    ckpt = importlib.import_module("vit_jax_fix.train.checkpoint")
-  except ImportError as e:
-    raise RuntimeError(
-        f"cannot load checkpoint {path!r}: vit_jax_fix.train.checkpoint is not available ({e}). "
-        "--checkpoint needs the trainer's `vit_jax_fix.train.checkpoint.load_model(workdir_or_step_dir)`, "
-        "returning an nnx model (or a tuple whose first nnx.Module is the model).") from e
-  load = getattr(ckpt, "load_model", None)
-  if load is None:
-    raise RuntimeError("vit_jax_fix.train.checkpoint has no load_model(workdir_or_step_dir); "
-                       "--checkpoint cannot be used until it exists")
-  import inspect
-  params = inspect.signature(load).parameters
-  kwargs = {}
-  # The trainer's signature is load_model(path_or_workdir, name=None, ema=False): `name` is checked
-  # against the model name stored with the checkpoint, which also fixes the architecture.
-  for key in ("name", "model_name"):
-    if key in params:
-      kwargs[key] = model_name
-  if overrides:
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-      kwargs.update(overrides)
-    else:
-      import warnings
-      warnings.warn(f"model overrides {sorted(overrides)} are ignored for checkpoint {path!r}: the checkpoint "
-                    "stores its own model definition")
-  loaded = load(path, **kwargs)
-  from flax import nnx
-  if isinstance(loaded, nnx.Module):
-    return loaded
-  if isinstance(loaded, (tuple, list)):
-    for item in loaded:
-      if isinstance(item, nnx.Module):
-        return item
-  if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), nnx.Module):
-    return loaded["model"]
-  raise RuntimeError(f"vit_jax_fix.train.checkpoint.load_model({path!r}) returned {type(loaded).__name__}, "
-                     "not an nnx model")
 
 
 def scalars(measures_result: Mapping, *, prefix: str = "collapse") -> dict[str, float]:
