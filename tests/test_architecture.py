@@ -3,7 +3,7 @@
 Rules (issue 25):
 - no cycle between modules. Every import counts: module level, inside functions (lazy imports, which only
   postpone a cycle to the first call) and `importlib.import_module('...')` with a literal name. Module-level
-  imports never close a cycle; lazy imports neither, except the edges in LAZY_CYCLE_EDGES, each with its reason.
+  imports never close a cycle, and lazy (function-level) imports do not either.
 - the libraries (models, data, interop, diagnostics) never import the trainer `vit_jax_fix.train`; the
   applications (vit_jax_fix/convert.py, diagnose.py, evaluate.py, and main.py outside the package) may.
 
@@ -24,11 +24,6 @@ LIBRARIES = tuple(f"{PACKAGE}.{p}" for p in ("models", "data", "interop", "diagn
 TRAINER = f"{PACKAGE}.train"
 
 # Lazy imports allowed to close a cycle: (importer, imported) -> why.
-LAZY_CYCLE_EDGES = {
-    (f"{PACKAGE}.models.registry", f"{PACKAGE}.interop.weights"):
-        "create_model(name, pretrained=True|PATH|URL), the documented entry point for released weights, hands "
-        "over to the loader, which builds the model through create_model itself",
-}
 
 
 def module_files(root: pathlib.Path = ROOT) -> dict[str, pathlib.Path]:
@@ -169,19 +164,8 @@ def test_the_graph_is_read():
 @pytest.mark.parametrize("lazy", [False, True], ids=["module-level", "with-lazy-imports"])
 def test_no_import_cycle(lazy):
   graph = import_graph(lazy=lazy)
-  if lazy:
-    for a, b in LAZY_CYCLE_EDGES:   # each allowed edge exists, is lazy only, and is the only one taken out
-      assert graph[a].get(b) and all(w.endswith("(lazy)") for w in graph[a][b]), (a, b, graph[a].get(b))
-      del graph[a][b]
   found = cycles(graph)
   assert not found, "import cycles:\n" + "\n".join(describe(graph, c) for c in found)
-
-
-def test_allowed_lazy_edges_do_close_a_cycle():
-  """An allowed edge that no longer closes a cycle is stale: remove it from LAZY_CYCLE_EDGES."""
-  graph = import_graph()
-  for a, b in LAZY_CYCLE_EDGES:
-    assert any(a in c and b in c for c in cycles(graph)), (a, b)
 
 
 def test_libraries_never_import_the_trainer():

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import pytest
 
+import vit_jax_fix
+
 from vit_jax_fix.interop import save_torch
 from vit_jax_fix.interop import testing as itesting
 from vit_jax_fix.interop import weights as W
@@ -238,18 +240,18 @@ def test_create_model_pretrained_equals_exported(server, exported, cache, monkey
   want = _logits(model)
   arch = {k: v for k, v in TINY.items() if k != "num_classes"}   # num_classes comes from the file
   url, file_name, _ = _serve(server, exported, prefix="/load")
-  got = registry.create_model(NAME, pretrained=url, **arch)
+  got = vit_jax_fix.create_model(NAME, pretrained=url, **arch)
   np.testing.assert_array_equal(_logits(got), want)
   st_url, _, _ = _serve(server, exported, kind="st", prefix="/load")
-  np.testing.assert_array_equal(_logits(registry.create_model(NAME, pretrained=st_url, **arch)), want)
+  np.testing.assert_array_equal(_logits(vit_jax_fix.create_model(NAME, pretrained=st_url, **arch)), want)
   # pretrained=True: the table's row (patched to the local server) with its layout.
   _patch_row(monkeypatch, NAME, url=url, file_name=file_name, sha256=W.hash_prefix(file_name))
-  got = registry.create_model(NAME, pretrained=True, **arch)
+  got = vit_jax_fix.create_model(NAME, pretrained=True, **arch)
   np.testing.assert_array_equal(_logits(got), want)
   assert server.count(f"/load/{file_name}") == 1                # the second load came from the cache
   # The weights define the classifier: another class count is a clear error.
   with pytest.raises(ValueError, match="5-class head, and num_classes=7 was asked"):
-    registry.create_model(NAME, pretrained=True, **arch, num_classes=7)
+    vit_jax_fix.create_model(NAME, pretrained=True, **arch, num_classes=7)
 
 
 @pytest.mark.slow

@@ -11,10 +11,8 @@ that the input pipeline and the PyTorch exporter read them from one place, and, 
 weights, where to get them (`Weights`: URL from the authors' README, file name, key layout, sha256 or its
 prefix; the table is at the end of `zoo.py`, the downloader is `vit_jax_fix.interop.weights`). Layers, one
 way: `spec.py` (the table and its entry types) <- `zoo.py` (every family's names, filled in at import) <- this
-module (look-up and construction):
-
-    model = create_model('deit_small_patch16_224', pretrained=True)      # the authors' weights, by name
-    model = create_model('deit_small_patch16_224', pretrained='/path/or/https/url.pth')
+module (look-up and construction). Models with the authors' weights come from `vit_jax_fix.create_model(name,
+pretrained=True)` (`vit_jax_fix/api.py`), which sits above both this module and the weight loader in interop.
 """
 from __future__ import annotations
 
@@ -91,28 +89,17 @@ def resolve_kwargs(name: str, **overrides) -> dict:
   return kwargs
 
 
-def create_model(name: str, *, rngs: nnx.Rngs | None = None, seed: int = 0, pretrained: bool | str = False,
-                 **overrides) -> nnx.Module:
+def create_model(name: str, *, rngs: nnx.Rngs | None = None, seed: int = 0, **overrides) -> nnx.Module:
   """Build a registered model. Without `rngs`, parameters come from a fixed `seed` (also under
   `nnx.eval_shape`, which allocates nothing). Example:
 
       model = create_model('deit_small_patch16_224', num_classes=10, img_size=32, patch_size=4)
       model = create_model('deit_small_patch16_LS', aug_shortcut='circulant2', feat_scale='double')
 
-  `pretrained=True` loads the authors' weights of `name` (downloaded once into the cache; see
-  `vit_jax_fix.interop.weights`), `pretrained='PATH'` or `'https://...'` that PyTorch file. The weights
-  define the classifier: a `num_classes` other than the file's is an error (the trainer's `init_from`
-  re-initialises a head of another size); other overrides (drop rates, keep_rate, dtype) apply.
-
   An option value or combination the model cannot take (the constructors raise ValueError) is a
-  `ConfigError` naming the model and its overrides.
+  `ConfigError` naming the model and its overrides. For released weights use `vit_jax_fix.create_model(name,
+  pretrained=True)`.
   """
-  if pretrained is not False and pretrained is not None:
-    if rngs is not None:
-      raise ValueError("create_model: rngs= with pretrained=: the weights replace every parameter")
-    # Imported here: interop builds its models through this module.
-    from vit_jax_fix.interop.weights import load_pretrained
-    return load_pretrained(name, pretrained, **overrides)
   spec = get_spec(name)
   kwargs = resolve_kwargs(name, **overrides)
   if rngs is None:
