@@ -237,6 +237,18 @@ def test_split_layout_folder(tmp_path):
   assert data.num_eval_examples(cfg) == 6  # eval_split None picks 'val'
 
 
+def test_empty_class_folders_are_listed(tmp_path):
+  root = tmp_path / "splits"
+  testing.make_image_folder(str(root), num_classes=2, per_class=1, size=(8, 8), splits=["train", "val"])
+  (root / "val" / "class_05" / "nested").mkdir(parents=True)           # no image at any depth
+  (root / "train" / "class_03" / "deep").mkdir(parents=True)
+  (root / "train" / "class_03" / "deep" / "a.PNG").write_bytes(b"")     # an image, by its extension
+  (root / "train" / ".hidden").mkdir()
+  assert data.empty_class_folders(str(root)) == [os.path.join("val", "class_05")]
+  assert data.empty_class_folders(str(root / "train")) == []     # as a one-split folder; hidden ones are no class
+  assert data.empty_class_folders(str(tmp_path / "missing")) == []
+
+
 def test_clear_errors(tmp_path):
   (tmp_path / "empty" / "class_a").mkdir(parents=True)
   with pytest.raises(data.DataSourceError, match="holds no images"):

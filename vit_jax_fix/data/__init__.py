@@ -17,8 +17,9 @@ from vit_jax_fix.data.pipeline import epoch_length
 from vit_jax_fix.data.pipeline import mixup_kwargs
 from vit_jax_fix.data.pipeline import num_eval_examples
 from vit_jax_fix.data.sources import DataSourceError
+from vit_jax_fix.data.sources import empty_class_folders
 
 __all__ = [
     "DataSourceError", "build_eval_iterator", "build_train_iterator", "dataset_info", "default_data_config",
-    "epoch_length", "mixup_cutmix", "mixup_kwargs", "num_eval_examples",
+    "empty_class_folders", "epoch_length", "mixup_cutmix", "mixup_kwargs", "num_eval_examples",
 ]

@@ -47,19 +47,43 @@ def default_data_dir() -> str:
 # --------------------------------------------------------------------------------------------- image folders
 
 
+def _subdirs(path: str) -> list[str]:
+  """The names of the non-hidden directories in `path`, sorted."""
+  return sorted(d.name for d in os.scandir(path) if d.is_dir() and not d.name.startswith("."))
+
+
+def _split_roots(root: str) -> dict[str, str]:
+  """{split: directory of its class folders}: root/<split>/<class>/<img> when every subdirectory is a split
+  name; else root/<class>/<img> as `train`."""
+  subdirs = _subdirs(root)
+  split_dirs = [d for d in subdirs if d.lower() in SPLIT_DIR_NAMES]
+  return {d: os.path.join(root, d) for d in split_dirs} if split_dirs and split_dirs == subdirs else {"train": root}
+
+
+def empty_class_folders(root: str) -> list[str]:
+  """The class folders of image folder `root` that hold no image (at any depth), as paths relative to `root`
+  (e.g. 'val/cat'); [] when `root` is not a directory. They still become classes of the head (labels keep
+  their order), classes nobody trains on."""
+  if not os.path.isdir(root):
+    return []
+  empty = []
+  for split_root in _split_roots(root).values():
+    for cls in _subdirs(split_root):
+      path = os.path.join(split_root, cls)
+      if not any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, fs in os.walk(path) for f in fs):
+        empty.append(os.path.relpath(path, root))
+  return empty
+
+
 def _list_folder(root: str):
   """Returns ({split: [(relpath, class_name)]}, class_names); raises DataSourceError for unusable folders."""
   if not os.path.isdir(root):
     raise DataSourceError(f"Image folder {root!r} does not exist or is not a directory. "
                           "Set data.folder to a directory laid out as root/<class>/<image>.")
-  subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-  split_dirs = [d for d in subdirs if d.lower() in SPLIT_DIR_NAMES]
-  # root/<split>/<class>/<img> when every subdirectory is a split name; else root/<class>/<img> as `train`.
-  layout = {d: os.path.join(root, d) for d in split_dirs} if split_dirs and split_dirs == subdirs else {"train": root}
   files, classes = {}, set()
-  for split, split_root in layout.items():
+  for split, split_root in _split_roots(root).items():
     entries = []
-    for cls in sorted(d.name for d in os.scandir(split_root) if d.is_dir() and not d.name.startswith(".")):
+    for cls in _subdirs(split_root):
       for dirpath, dirnames, filenames in os.walk(os.path.join(split_root, cls)):
         dirnames.sort()
         for f in sorted(filenames):

@@ -46,24 +46,14 @@ def _dataset_info(config):
     raise
 
 
-def _warn_empty_class_folders(data_cfg) -> int:
+def _report_empty_class_folders(data_cfg) -> int:
   """Image folders: class directories without any image become classes nobody trains on; say so (count)."""
-  if data_cfg.dataset != "folder" or not data_cfg.get("folder") or not os.path.isdir(data_cfg.folder):
+  if data_cfg.dataset != "folder" or not data_cfg.get("folder"):
     return 0
-  from vit_jax_fix.data.sources import IMAGE_EXTENSIONS, SPLIT_DIR_NAMES
-  root = data_cfg.folder
-  subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-  splits = [d for d in subdirs if d.lower() in SPLIT_DIR_NAMES]
-  roots = [os.path.join(root, d) for d in splits] if splits and splits == subdirs else [root]
-  empty = []
-  for r in roots:
-    for d in sorted(os.scandir(r), key=lambda e: e.name):
-      if d.is_dir() and not d.name.startswith(".") and not any(
-          f.lower().endswith(IMAGE_EXTENSIONS) for _, _, fs in os.walk(d.path) for f in fs):
-        empty.append(os.path.relpath(d.path, root))
+  empty = data_lib.empty_class_folders(data_cfg.folder)
   if empty:
-    msg = (f"image folder {root!r}: {len(empty)} empty class folder(s) {empty[:10]}; they stay classes of the "
-           f"head (labels keep their order) but have no examples")
+    msg = (f"image folder {data_cfg.folder!r}: {len(empty)} empty class folder(s) {empty[:10]}; they stay classes "
+           f"of the head (labels keep their order) but have no examples")
     logging.warning(msg)
     print(f"WARNING: {msg}", flush=True)
   return len(empty)
@@ -105,7 +95,7 @@ class Setup:
     self.micro_batch = int(config.batch_size) // self.accum
     _check_batch(config, self.mesh, self.micro_batch)
     self.num_classes, self.num_train = _dataset_info(config)
-    self.empty_class_folders = _warn_empty_class_folders(config.data)
+    self.empty_class_folders = _report_empty_class_folders(config.data)
     _check_num_classes(config, self.num_classes)
     self.model_defaults = registry.model_defaults(config.model.name)
     try:
