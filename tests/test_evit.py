@@ -215,7 +215,7 @@ def test_schedule_run_compiles_at_most_the_documented_number_of_programs():
     nnx.update(m, jax.tree.map(lambda p, g: p - 0.01 * g, params, grads))
     return loss, jnp.int32(last.shape[1])
 
-  step = K.CompiledByKeepRate(train_step)
+  step = K.CompiledByKeepRate.for_model(train_step)
   sched = dict(base_keep_rate=0.5, start_step=2, ramp_steps=8, granularity=0.25)
   num_steps = 14
   seen, tokens, losses = [], [], []

@@ -74,15 +74,16 @@ def test_schedule_compiles_one_program_per_keep_rate_and_resumes_exactly(folder,
   assert logged[:3] == [1.0] * 3 and logged[-3:] == [0.5] * 3 and set(logged) == {0.5, 0.75, 1.0}
 
   # one compiled train step per distinct keep rate, never more than the documented bound
-  assert sorted(setup._train_steps) == [0.5, 0.75, 1.0]
-  assert setup.compiled_train_steps == 3 <= setup.keep_rate.max_programs
+  assert sorted(setup.train_programs.programs) == [0.5, 0.75, 1.0]
+  assert setup.train_programs.num_compiled == 3 <= setup.keep_rate.max_programs
 
   # each program runs the configured block at its own rate: fewer tokens, fewer FLOPs. XLA counts a scan
   # body once and at keep rate 1 the identical blocks run under lax.scan, so whole programs are compared
   # only between rates < 1; the forward of each program's model is counted with its scans unrolled.
   state = setup.abstract_with_shardings()
   batch = {"image": jax.ShapeDtypeStruct((8, 16, 16, 3), np.float32), "label": jax.ShapeDtypeStruct((8,), np.int32)}
-  step_flops = {r: fn.lower(state, batch).cost_analysis()["flops"] for r, fn in setup._train_steps.items()}
+  step_flops = {r: setup.train_programs.program(r).lower(state, batch).cost_analysis()["flops"]
+                for r in setup.train_programs.programs}
   assert step_flops[0.5] < step_flops[0.75]
   fwd_flops = {}
   for r in (0.5, 0.75, 1.0):
@@ -101,7 +102,7 @@ def test_schedule_compiles_one_program_per_keep_rate_and_resumes_exactly(folder,
   np.testing.assert_array_equal(_flat(ckpt.load_state_dicts(str(crashed))[2]),
                                 _flat(ckpt.load_state_dicts(str(tmp_path / "full"))[2]))
   # the resumed process compiled only the rates of the steps it still ran (3 onwards)
-  assert sorted(setups[-1]._train_steps) == sorted(set(expected[3:]))
+  assert sorted(setups[-1].train_programs.programs) == sorted(set(expected[3:]))
 
 
 def test_schedule_needs_an_evit_model(folder, tmp_path):
@@ -114,6 +115,10 @@ def test_schedule_needs_an_evit_model(folder, tmp_path):
 
 def test_every_schedule_value_is_on_the_grid():
   grid = keep_rate_lib.keep_rate_grid(0.7, 0.05)
-  values = {keep_rate_lib.keep_rate_at(t, base_keep_rate=0.7, start_step=10, ramp_steps=1000, granularity=0.05)
-            for t in range(1200)}
-  assert values == set(grid) and len(values) == keep_rate_lib.max_programs(0.7, 0.05) == 7
+  schedule = keep_rate_lib.KeepRateSchedule(0.7, start_step=10, ramp_steps=1000, granularity=0.05)
+  values = [schedule(t) for t in range(1200)]
+  assert values == [keep_rate_lib.keep_rate_at(t, base_keep_rate=0.7, start_step=10, ramp_steps=1000,
+                                               granularity=0.05) for t in range(1200)]
+  assert set(values) == set(grid) and len(set(values)) == schedule.max_programs == 7
+  with pytest.raises(ValueError, match="granularity must be > 0"):
+    keep_rate_lib.KeepRateSchedule(0.7, granularity=0.0)          # refused when built, not at the first step

@@ -21,10 +21,14 @@ therefore quantises kappa to the grid
 (rounded to nearest grid point, values rounded to 12 decimals so that equal rates are equal floats). The
 number of distinct values, hence of compiled programs, is at most `max_programs(base, granularity)` =
 ceil((1 - base) / granularity) + 1, e.g. 7 for base 0.7 at granularity 0.05, 4 at 0.1; 1 for a constant
-schedule. `CompiledByKeepRate` keeps one jitted function per distinct value and counts the compilations.
+schedule. `KeepRateSchedule` is that schedule with its settings bound (the trainer's
+config.keep_rate_schedule), and `CompiledByKeepRate` keeps one compiled program per distinct value and counts
+the compilations.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -79,6 +83,28 @@ def keep_rate_at(step: int, *, base_keep_rate: float, start_step: int = 0, ramp_
   kappa = cosine_keep_rate(step, base_keep_rate=base_keep_rate, start_step=start_step, ramp_steps=ramp_steps)
   grid = keep_rate_grid(base_keep_rate, granularity)
   return min(grid, key=lambda g: (abs(g - kappa), -g))
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepRateSchedule:
+  """EViT's keep-rate warm-up with its settings bound: `schedule(step)` is `keep_rate_at(step, ...)`, the
+  official cosine from 1 down to `base` quantised to the grid of `granularity`, so a run compiles at most
+  `max_programs` programs (e.g. 7 for DeiT-S at 0.7 and granularity 0.05). Steps count optimizer updates."""
+  base: float
+  start_step: int = 0
+  ramp_steps: int = 0
+  granularity: float = 0.05
+
+  def __post_init__(self):
+    keep_rate_grid(self.base, self.granularity)      # validates both now, not at the first step
+
+  @property
+  def max_programs(self) -> int:
+    return max_programs(self.base, self.granularity)
+
+  def __call__(self, step: int) -> float:
+    return keep_rate_at(step, base_keep_rate=self.base, start_step=self.start_step, ramp_steps=self.ramp_steps,
+                        granularity=self.granularity)
 
 
 # --- changing a built model's keep rate
@@ -150,36 +176,55 @@ def token_counts(num_tokens: int, rates: Sequence[float], fuse_token: bool) -> l
 
 
 class CompiledByKeepRate:
-  """One `nnx.jit` of `fn(model, *args, **kwargs)` per distinct keep rate.
+  """One compiled program per distinct keep rate, built on first use, and the count of compilations.
 
-      step = CompiledByKeepRate(train_step)
+  `build(key)` returns the function to run at `key` and `jit` compiles it; `program(key)` does both on the
+  first request and returns the same compiled function afterwards. `num_compiled` counts actual traces (one
+  per compiled program), `programs` the keys compiled so far. The trainer keys by the scheduled rate (None:
+  the configured rates) and builds the train step of `ModelDef.with_keep_rate(rate)`, jitted with the state's
+  shardings.
+
+  `CompiledByKeepRate.for_model(fn)` serves a function `fn(model, *args, **kwargs)` of an nnx model, which
+  carries its keep rates itself: calling `step(rate, model, ...)` sets the model's runtime keep rate
+  (`set_keep_rate`) and runs the `nnx.jit` program of the resulting per-block keep rates (so `rate=None`, the
+  configured evaluation rates, shares the program of the base rate):
+
+      step = CompiledByKeepRate.for_model(train_step)
       for t in range(num_steps):
         kappa = keep_rate_at(t, base_keep_rate=0.7, start_step=..., ramp_steps=..., granularity=0.05)
         loss = step(kappa, model, batch)
       assert step.num_compiled <= max_programs(0.7, 0.05)
+  """
 
-  Calling with rate r sets the model's runtime keep rate (`set_keep_rate`) and runs the function compiled for
-  the resulting per-block keep rates (so `rate=None`, the configured evaluation rates, shares the program of
-  the base rate). `num_compiled` counts actual traces (one per compiled program), `programs` the per-block
-  keep-rate tuples compiled so far."""
-
-  def __init__(self, fn: Callable, *, blocks: Sequence[int] | None = None, **jit_kwargs):
-    self.fn, self.blocks, self.jit_kwargs = fn, blocks, jit_kwargs
+  def __init__(self, build: Callable[[Any], Callable], *, jit: Callable = nnx.jit,
+               blocks: Sequence[int] | None = None):
+    self.build, self.jit, self.blocks = build, jit, blocks
     self._cache: dict[Any, Callable] = {}
     self.num_compiled = 0
 
-  def _traced(self, *args, **kwargs):
-    self.num_compiled += 1   # runs only while tracing, i.e. once per compiled program
-    return self.fn(*args, **kwargs)
+  @classmethod
+  def for_model(cls, fn: Callable, *, blocks: Sequence[int] | None = None, **jit_kwargs) -> "CompiledByKeepRate":
+    """`fn(model, ...)` compiled per per-block keep rates; `blocks` as in `set_keep_rate`."""
+    return cls(lambda rates: fn, jit=functools.partial(nnx.jit, **jit_kwargs), blocks=blocks)
 
   @property
-  def programs(self) -> list[tuple[float, ...]]:
+  def programs(self) -> list:
     return list(self._cache)
 
+  def program(self, key) -> Callable:
+    """The compiled function of `key`, built and jitted on first use."""
+    fn = self._cache.get(key)
+    if fn is None:
+      inner = self.build(key)
+
+      def traced(*args, **kwargs):
+        self.num_compiled += 1   # runs only while tracing, i.e. once per compiled program
+        return inner(*args, **kwargs)
+      fn = self._cache[key] = self.jit(traced)
+    return fn
+
   def __call__(self, rate: float | None, model, *args, **kwargs):
+    """`fn(model, ...)` at keep rate `rate` (see `for_model`)."""
     rate = None if rate is None else round(_check_rate(rate), _DECIMALS)
     set_keep_rate(model, rate, blocks=None if rate is None else self.blocks)
-    key = tuple(float(b.keep_rate) for b in _blocks(model))
-    if key not in self._cache:
-      self._cache[key] = nnx.jit(self._traced, **self.jit_kwargs)
-    return self._cache[key](model, *args, **kwargs)
+    return self.program(tuple(float(b.keep_rate) for b in _blocks(model)))(model, *args, **kwargs)

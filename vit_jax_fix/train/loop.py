@@ -79,6 +79,22 @@ def _check_batch(config, mesh, micro_batch: int):
                         f"(a multiple of {n}), or run on fewer devices (mesh.data / JAX_NUM_CPU_DEVICES).")
 
 
+def _keep_rate_schedule(config, model_def, steps_per_epoch: int) -> keep_rate_lib.KeepRateSchedule | None:
+  """config.keep_rate_schedule for this model (None when off): epochs become updates, the base is the one keep
+  rate < 1 the model was built with."""
+  krs = config.keep_rate_schedule
+  if not krs.enabled:
+    return None
+  rates = sorted({r for r in model_def.configured_keep_rates() if r < 1.0})
+  if len(rates) != 1:
+    raise ConfigError(
+        f"config.keep_rate_schedule.enabled needs an EViT model with one keep rate < 1 in its reorganising "
+        f"blocks; {model_def.name} {model_def.kwargs} has {rates or 'none'}. Fix: set "
+        f"model.overrides.keep_rate (and keep_rate_blocks), or --config.keep_rate_schedule.enabled=False.")
+  return keep_rate_lib.KeepRateSchedule(rates[0], round(float(krs.start_epochs) * steps_per_epoch),
+                                        round(float(krs.ramp_epochs) * steps_per_epoch), float(krs.granularity))
+
+
 class Setup:
   """Everything static about a run: mesh, model, optimizer, step counts, shardings, jitted functions."""
 
@@ -121,9 +137,11 @@ class Setup:
         ema_decay=float(config.ema.decay), lr_schedule=self.lr, train_mode=bool(config.train_mode),
         grad_accum_steps=self.accum, skip_nonfinite=config.nonfinite_policy == "skip",
         nan_at_step=int(config.debug_nan_at_step), mix_mesh=self.mesh if config.data.mixup_per_device else None)
-    self.keep_rate = KeepRateSchedule.from_config(config, self.model_def, self.steps_per_epoch)
-    self._train_steps: dict = {}          # keep rate (None: as configured) -> jitted train step
-    self.compiled_train_steps = 0         # train-step programs traced so far (one per distinct keep rate)
+    self.keep_rate = _keep_rate_schedule(config, self.model_def, self.steps_per_epoch)
+    # keep rate (None: as configured) -> its jitted train step
+    self.train_programs = keep_rate_lib.CompiledByKeepRate(
+        self._build_train_step, jit=functools.partial(steps_lib.jit_train_step, state_sh=self.state_sh,
+                                                      mesh=self.mesh))
     self.eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(self.model_def), self.state_sh["params"],
                                              self.state_sh["batch_stats"], self.mesh)
 
@@ -131,21 +149,17 @@ class Setup:
     """The EViT keep rate of micro-step `step` (None without a schedule: the model's configured rates)."""
     return None if self.keep_rate is None else self.keep_rate(step // self.accum)
 
+  def _build_train_step(self, keep_rate: float | None):
+    model_def = self.model_def
+    if keep_rate is not None:
+      model_def = model_def.with_keep_rate(keep_rate)
+      logging.info("EViT keep rate %s: compiling its train step (%d of at most %d programs)", keep_rate,
+                   len(self.train_programs.programs) + 1, self.keep_rate.max_programs)
+    return steps_lib.make_train_step(model_def, self.tx, **self._step_kwargs)
+
   def train_step(self, state, batch, *, keep_rate: float | None = None):
     """One jitted micro-step; one compiled program per distinct keep rate, built on first use."""
-    fn = self._train_steps.get(keep_rate)
-    if fn is None:
-      model_def = self.model_def if keep_rate is None else self.model_def.with_keep_rate(keep_rate)
-      if keep_rate is not None:
-        logging.info("EViT keep rate %s: compiling its train step (%d of at most %d programs)", keep_rate,
-                     len(self._train_steps) + 1, self.keep_rate.max_programs)
-      step = steps_lib.make_train_step(model_def, self.tx, **self._step_kwargs)
-
-      def traced(state, batch):
-        self.compiled_train_steps += 1      # runs once per trace, i.e. per compiled program
-        return step(state, batch)
-      fn = self._train_steps[keep_rate] = steps_lib.jit_train_step(traced, self.state_sh, self.mesh)
-    return fn(state, batch)
+    return self.train_programs.program(keep_rate)(state, batch)
 
   def init_state(self):
     """Fresh state, created directly in its shardings (never on one device first)."""
@@ -186,35 +200,6 @@ class Setup:
     stats = eval_lib.recalibrate_batch_norm(calib, params, batch_stats, batches, self.mesh,
                                             int(c.bn_recalibration.num_batches))
     return jax.device_put(stats, self.state_sh["batch_stats"])
-
-
-class KeepRateSchedule:
-  """EViT's keep-rate warm-up for training from scratch (config.keep_rate_schedule): `schedule(update)` is
-  the official cosine schedule quantised by `keep_rate.keep_rate_at`, so a run compiles at most
-  `max_programs` train steps (`keep_rate.max_programs(base, granularity)`, e.g. 7 for DeiT-S at 0.7 and
-  granularity 0.05). The base is the keep rate the model was built with."""
-
-  def __init__(self, base: float, start_step: int, ramp_steps: int, granularity: float):
-    self.base, self.start_step, self.ramp_steps, self.granularity = base, start_step, ramp_steps, granularity
-    self.max_programs = keep_rate_lib.max_programs(base, granularity)
-
-  @classmethod
-  def from_config(cls, config, model_def, steps_per_epoch: int) -> "KeepRateSchedule | None":
-    krs = config.keep_rate_schedule
-    if not krs.enabled:
-      return None
-    rates = sorted({r for r in model_def.configured_keep_rates() if r < 1.0})
-    if len(rates) != 1:
-      raise ConfigError(
-          f"config.keep_rate_schedule.enabled needs an EViT model with one keep rate < 1 in its reorganising "
-          f"blocks; {model_def.name} {model_def.kwargs} has {rates or 'none'}. Fix: set "
-          f"model.overrides.keep_rate (and keep_rate_blocks), or --config.keep_rate_schedule.enabled=False.")
-    return cls(rates[0], round(float(krs.start_epochs) * steps_per_epoch),
-               round(float(krs.ramp_epochs) * steps_per_epoch), float(krs.granularity))
-
-  def __call__(self, update: int) -> float:
-    return keep_rate_lib.keep_rate_at(update, base_keep_rate=self.base, start_step=self.start_step,
-                                      ramp_steps=self.ramp_steps, granularity=self.granularity)
 
 
 def _finetune_init(setup, state):
