@@ -4,7 +4,8 @@
 Reproduces: 80.9% top-1 (paper Table 2; DeiT-S baseline 79.8). Recipe: global batch 1024, 300 epochs, AdamW
 lr 1e-3 (unscaled), wd 0.05, warm-up 5 epochs from 1e-6, cosine to 1e-5, RandAugment m9, mixup 0.8 / cutmix
 1.0, smoothing 0.1, random erasing 0.25, repeated augmentation, drop-path 0.1, EMA 0.99996, mean = std = 0.5.
-(timm also runs 10 cooldown epochs; use num_epochs=310 with warm-up to reproduce that exactly.)
+(The official run trains 310 epochs: the cosine over 300, then 10 cooldown epochs at about min lr; this
+config stops at 300.)
 
 Demo (a few minutes on 2 CPU cores; the README's first command):
   python main.py --config configs/augvit_s.py:demo --workdir /tmp/augvit_demo

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from vit_jax_fix import errors
 from vit_jax_fix.models import layout as param_layout
+from vit_jax_fix.train import config as config_lib
 
 ITEMS = ("state", "meta")
 QUARANTINE = "corrupt_checkpoints"
@@ -224,9 +225,11 @@ def _flatten(d, prefix=""):
 
 
 def config_differences(saved: dict, config) -> list[str]:
-  """'key: saved -> now' for every trajectory-changing key that differs (RESUMABLE_KEYS excluded)."""
+  """'key: saved -> now' for every trajectory-changing key that differs (RESUMABLE_KEYS excluded). A key the
+  saved config lacks was added to base_config after that run was written: it counts as base_config's default,
+  which a new key keeps equal to the behaviour before it existed (e.g. schedule.step_per = 'update')."""
   now = _flatten(json.loads(config.to_json_best_effort()))
-  before = _flatten(saved)
+  before = dict(_flatten(json.loads(config_lib.base_config().to_json_best_effort())), **_flatten(saved))
   diffs = []
   for key in sorted(set(now) | set(before)):
     if key.startswith(RESUMABLE_KEYS) or key in RESUMABLE_KEYS:

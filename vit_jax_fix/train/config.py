@@ -20,7 +20,12 @@ optimizer.weight_decay, .wd_exempt      decoupled weight decay; exempt: 1-D para
                                         LayerScale), pos_embed, cls/dist tokens, and regexes in wd_exempt
 optimizer.clip_grad_norm                global-norm clipping (0 = off)
 optimizer.grad_accum_steps              optax.MultiSteps micro-batches per update
-schedule.*                              linear warm-up from warmup_init_lr, then cosine to min_lr, per step
+schedule.*                              linear warm-up from warmup_init_lr over warmup_epochs (or
+                                        warmup_steps), then cosine to min_lr (``train.optim``)
+schedule.step_per                       'update' (default): the smooth form, a new value every update |
+                                        'epoch' (paper configs): the official DeiT main.py schedule, timm's
+                                        cosine stepped after each epoch -- constant within an epoch, epoch
+                                        e at timm's value for max(e - 1, 0)
 loss                                    'softmax_ce' (soft targets) | 'bce' (DeiT III)
 ema.decay, ema.evaluate                 parameter EMA (0 = off) and whether it is evaluated too
 train_mode                              False: dropout / drop-path / BN updates off while training (EViT FT)
@@ -93,6 +98,7 @@ def base_config() -> ConfigDict:
   c.schedule.warmup_steps = -1              # > 0 wins over warmup_epochs
   c.schedule.warmup_init_lr = 1e-6
   c.schedule.min_lr = 1e-5
+  c.schedule.step_per = "update"            # 'update' | 'epoch' (official per-epoch timm stepping)
   c.loss = "softmax_ce"
   c.ema = ConfigDict()
   c.ema.decay = 0.99996                     # 0 = off
@@ -189,6 +195,7 @@ def validate(config) -> None:
   registry.check_overrides(spec.builder, dict(config.model.overrides), f"config.model.overrides ({spec.name})")
   if config.optimizer.name not in ("adamw", "lamb"):
     raise ConfigError(f"config.optimizer.name={config.optimizer.name!r}: use 'adamw' or 'lamb'.")
+  check_step_per(config.schedule.step_per)
   if config.loss not in ("softmax_ce", "bce"):
     raise ConfigError(f"config.loss={config.loss!r}: use 'softmax_ce' or 'bce'.")
   krs = config.keep_rate_schedule
@@ -215,6 +222,15 @@ def validate(config) -> None:
     raise ConfigError(f"config.nonfinite_policy={config.nonfinite_policy!r}: use 'stop' or 'skip'.")
   from vit_jax_fix.train import evaluate as eval_lib
   eval_lib.check_evals(config.evals)
+
+
+SCHEDULE_STEP_PER = ("update", "epoch")
+
+
+def check_step_per(value) -> None:
+  if value not in SCHEDULE_STEP_PER:
+    raise ConfigError(f"config.schedule.step_per={value!r}: use 'update' (a new learning rate every update) or "
+                      f"'epoch' (the official per-epoch schedule).")
 
 
 def peak_lr(config) -> float:

@@ -1,8 +1,23 @@
 """Optimizers and schedules, built only from optax pieces.
 
-* schedule: ``optax.warmup_cosine_decay_schedule`` -- linear warm-up from ``warmup_init_lr`` to the peak
-  (DeiT: 5e-4 x batch / 512), then cosine to ``min_lr``, evaluated per optimizer update (DeiT steps it per
-  epoch; per step is smoother and ends at the same value).
+* schedule, a function of the optimizer update count u (E updates per epoch, peak = 5e-4 x batch / 512 for
+  DeiT), by ``schedule.step_per``:
+
+  - ``'epoch'`` (the paper recipes): the learning rate the official DeiT main.py trains each epoch at. It
+    builds timm's ``CosineLRScheduler(t_initial=T epochs, lr_min, warmup_t=W, warmup_lr_init=l0)`` (cosine
+    from epoch 0 with the warm-up overriding the first W epochs, ``warmup_prefix=False``), whose constructor
+    sets the rate to l0, and calls ``step(epoch)`` *after* each epoch, so epoch e trains at the scheduler's
+    value for t = max(e - 1, 0) (epochs 0 and 1 both at l0):
+
+        v(t) = l0 + t (peak - l0) / W                                    t < W
+             = lr_min + (peak - lr_min) (1 + cos(pi t / T)) / 2          W <= t < T
+             = lr_min                                                    t >= T (past the one cycle)
+        lr(u) = v(max(floor(u / E) - 1, 0))
+
+    constant within an epoch (without warm-up epoch 0 trains at the base rate, v(0) again). T = total updates
+    / E (num_epochs, or total_steps / E), W = warmup_epochs (or warmup_steps / E).
+  - ``'update'``: ``optax.warmup_cosine_decay_schedule`` -- linear warm-up from ``warmup_init_lr`` over the
+    warm-up updates, then cosine to ``min_lr`` at the last update: the smooth per-update form.
 * AdamW: ``optax.adamw`` with a weight-decay mask (the DeiT/timm exemptions: every 1-D parameter -- biases,
   norms, LayerScale gammas, FeatScale gains -- plus ``pos_embed``, ``cls_token``, ``dist_token``).
 * LAMB (DeiT III, apex FusedLAMB): Adam moments, decoupled weight decay and the trust ratio applied to the
@@ -19,6 +34,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from vit_jax_fix.models import layout
@@ -26,13 +42,37 @@ from vit_jax_fix.train import config as config_lib
 
 
 def schedule(config, total_updates: int, steps_per_epoch: int) -> optax.Schedule:
+  """The learning rate of each optimizer update (`config.schedule.step_per`, see the module docstring)."""
   s = config.schedule
+  peak = config_lib.peak_lr(config)
+  config_lib.check_step_per(s.step_per)
+  if s.step_per == "epoch":
+    warmup = s.warmup_steps / steps_per_epoch if s.warmup_steps > 0 else float(s.warmup_epochs)
+    return per_epoch_cosine(peak, warmup_init_lr=float(s.warmup_init_lr), warmup_epochs=warmup,
+                            epochs=total_updates / steps_per_epoch, min_lr=float(s.min_lr),
+                            steps_per_epoch=steps_per_epoch)
   warmup = int(s.warmup_steps) if s.warmup_steps > 0 else int(round(s.warmup_epochs * steps_per_epoch))
   warmup = min(warmup, max(total_updates - 1, 0))
-  peak = config_lib.peak_lr(config)
   return optax.warmup_cosine_decay_schedule(
       init_value=float(s.warmup_init_lr) if warmup else peak, peak_value=peak, warmup_steps=warmup,
       decay_steps=max(total_updates, warmup + 1), end_value=float(s.min_lr))
+
+
+def per_epoch_cosine(peak: float, *, warmup_init_lr: float, warmup_epochs: float, epochs: float, min_lr: float,
+                     steps_per_epoch: int) -> optax.Schedule:
+  """timm's cosine stepped after each epoch, as the official main.py runs it: update u trains at v(t),
+  t = max(u // steps_per_epoch - 1, 0) (module docstring)."""
+  slope = (peak - warmup_init_lr) / warmup_epochs if warmup_epochs > 0 else 0.0
+
+  def lr(count):
+    t = jnp.maximum(jnp.asarray(count) // steps_per_epoch - 1, 0).astype(jnp.float32)
+    # (1 + cos x) / 2 = cos(x / 2)^2: the same value, without float32 cancellation near the end of the cycle.
+    cosine = min_lr + (peak - min_lr) * jnp.square(jnp.cos((jnp.pi / 2) * (t / epochs)))
+    value = jnp.where(t < epochs, cosine, min_lr)
+    if warmup_epochs > 0:
+      value = jnp.where(t < warmup_epochs, warmup_init_lr + t * slope, value)
+    return value
+  return lr
 
 
 def _path_str(path) -> str:
