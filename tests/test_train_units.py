@@ -12,6 +12,7 @@ import pytest
 
 from vit_jax_fix.train import checkpoint as ckpt
 from vit_jax_fix.train import config as C
+from vit_jax_fix.train import monitor as monitor_lib
 from vit_jax_fix.train import optim
 from vit_jax_fix.train import sharding as S
 from vit_jax_fix.train import state as state_lib
@@ -133,3 +134,32 @@ def test_gradient_accumulation_matches_big_batch():
   _, _, _, s, losses = _run(S.make_mesh(8, 1), "replicated", steps=4, accum=2)
   assert int(s["step"]) == 4 and int(s["data_position"]) == 4
   assert int(s["opt_state"].gradient_step) == 2
+
+
+def _monitor(**kw):
+  return monitor_lib.TrainMonitor(**{"checkpoint_dir": "/w/checkpoints", "last_good": None, "skip_nonfinite": False,
+                                     "max_skips": 1, "images_per_step": 8, "steps_per_epoch": 4, **kw})
+
+
+def test_monitor_log_window_and_late_non_finite_check(capsys):
+  m = _monitor(skip_nonfinite=True)
+  for step, (loss, skips) in enumerate([(1.0, 0), (3.0, 0), (float("nan"), 1), (5.0, 1)], start=1):
+    m.record({"train/loss": loss, "train/grad_norm": 1.0, "train/lr": 0.1, "train/nonfinite_skips": skips}, step)
+    # step 3 is fetched and checked only when step 4 arrives
+    assert ("update skipped" in capsys.readouterr().out) == (step == 4)
+  m.settle()
+  row = m.row(4)
+  assert row["train/loss"] == 3.0                             # the mean without the skipped step's NaN
+  assert row["train/nonfinite_skips"] == 1.0 and row["train/epoch"] == 1.0 and row["train/images_per_sec"] > 0
+  assert m.row(5) is None                                     # a new, empty window
+  m.record({"train/loss": float("nan"), "train/grad_norm": 1.0, "train/lr": 0.1, "train/nonfinite_skips": 2}, 5)
+  with pytest.raises(monitor_lib.NonFiniteLossError, match="more than nonfinite_max_skips=1"):
+    m.settle()
+
+  m = _monitor()
+  m.saved(4)
+  m.record({"train/loss": 1.0, "train/grad_norm": float("inf"), "train/lr": 0.1}, 5)
+  with pytest.raises(monitor_lib.NonFiniteLossError,
+                     match=r"train/grad_norm = inf at step 5 \(lr 0.1\); stopping. Last good checkpoint: step 4 at "
+                           r"/w/checkpoints/4"):
+    m.settle()

@@ -1,12 +1,18 @@
-"""`train_and_evaluate(config, workdir)`: the whole run as one library call (main.py, notebooks and tests)."""
+"""`train_and_evaluate(config, workdir)`: the whole run as one library call (main.py, notebooks and tests).
+
+`Setup` is everything static about a run (the checked config, mesh, model, optimizer, shardings, one compiled
+train step per EViT keep rate). `train_and_evaluate` tells the run: open the workdir's checkpoints and restore
+the newest (or start fresh, fine-tuned when configured), then per micro-step train, log, evaluate, diagnose and
+checkpoint, with `monitor.TrainMonitor` checking every step for NaN/inf and averaging the log window; finally
+announce the last evaluation.
+"""
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -21,16 +27,14 @@ from vit_jax_fix.train import config as config_lib
 from vit_jax_fix.train import evaluate as eval_lib
 from vit_jax_fix.train import finetune
 from vit_jax_fix.train import metrics as metrics_lib
+from vit_jax_fix.train import monitor as monitor_lib
 from vit_jax_fix.train import optim
 from vit_jax_fix.train import sharding as shard_lib
 from vit_jax_fix.train import state as state_lib
 from vit_jax_fix.train import steps as steps_lib
 
 
-class NonFiniteLossError(errors.UserError, FloatingPointError):
-  """NaN/inf loss or gradients with nonfinite_policy='stop' (or too many skipped updates with 'skip')."""
-
-
+NonFiniteLossError = monitor_lib.NonFiniteLossError
 ConfigError = errors.ConfigError   # a config that cannot train on this data / these devices
 
 
@@ -246,6 +250,34 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   """
   workdir = os.path.abspath(workdir)
   setup = Setup(config, mesh)
+  mngr, state, latest = _open_checkpoints(setup, workdir)
+  writer = metrics_lib.MetricWriter(workdir)
+  if latest is not None:
+    logging.info("restored step %d from %s", latest, ckpt.checkpoint_dir(workdir))
+  else:
+    state = _fresh_state(setup)
+  step = int(jax.device_get(state["step"]))
+  if step >= setup.total_iters:
+    final = _final_eval_of_finished_run(setup, state, writer, step)
+    _announce(final, already=True)
+    mngr.close()
+    writer.close()
+    return final
+  with ckpt.PreemptionFlag() as preempted:
+    try:
+      final = _train(setup, state, step, workdir, latest, mngr, writer, preempted)
+    finally:
+      mngr.wait_until_finished()
+      mngr.close()
+      writer.close()
+  if "preempted_at" not in final:
+    _announce(final)
+  return final
+
+
+def _open_checkpoints(setup, workdir: str):
+  """(manager, state, step) of the newest good checkpoint in `workdir` (state and step None: none yet), after
+  checking that the workdir's saved config trains the same run; the config is saved next to them."""
   c = setup.config
   ckpt.check_config_matches(workdir, c)
   os.makedirs(workdir, exist_ok=True)      # before the manager, as it always was (Orbax expects the root)
@@ -254,130 +286,123 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
                                                  model=f"{setup.model_def.name} {setup.model_def.kwargs}")
   if jax.process_index() == 0:
     ckpt.save_config(workdir, c)
-  writer = metrics_lib.MetricWriter(workdir)
-  if latest is not None:
-    logging.info("restored step %d from %s", latest, ckpt.checkpoint_dir(workdir))
-  else:
-    state = setup.init_state()
-    if c.init_from.path or c.init_from.get("pretrained", False):
-      state = _finetune_init(setup, state)
-  step = int(jax.device_get(state["step"]))
-  total = setup.total_iters
-  eval_every = (setup.steps_per_epoch * setup.accum if c.eval_every_steps < 0 else int(c.eval_every_steps))
+  return mngr, state, latest
 
-  if step >= total:
-    rows = [r for r in metrics_lib.read_jsonl(writer.path) if "eval/top1" in r and r["step"] == total]
-    if rows:
-      final = {k: v for k, v in rows[-1].items() if k.startswith("eval")}
-    else:
-      final, state = run_eval(setup, state, writer, step)
-    _announce(final, already=True)
-    mngr.close()
-    writer.close()
-    return final
 
+def _fresh_state(setup):
+  """The state of step 0: initialised, then the pretrained weights of config.init_from when given."""
+  state = setup.init_state()
+  if setup.config.init_from.path or setup.config.init_from.get("pretrained", False):
+    state = _finetune_init(setup, state)
+  return state
+
+
+def _final_eval_of_finished_run(setup, state, writer, step: int) -> dict:
+  """A finished workdir: its final evaluation as logged in metrics.jsonl, or evaluated again when missing."""
+  rows = [r for r in metrics_lib.read_jsonl(writer.path) if "eval/top1" in r and r["step"] == setup.total_iters]
+  if rows:
+    return {k: v for k, v in rows[-1].items() if k.startswith("eval")}
+  return run_eval(setup, state, writer, step)[0]
+
+
+class _Due(NamedTuple):
+  """What happens after micro-step `step`: the last step, a checkpoint, an evaluation, a log row."""
+  last: bool
+  save: bool
+  evaluate: bool
+  log: bool
+
+  @classmethod
+  def at(cls, setup, step: int, preempted) -> "_Due":
+    c = setup.config
+    last = step == setup.total_iters
+    eval_every = setup.steps_per_epoch * setup.accum if c.eval_every_steps < 0 else int(c.eval_every_steps)
+    return cls(last=last,
+               save=last or step % max(1, int(c.checkpoint_every_steps)) == 0 or bool(preempted),
+               evaluate=last or (eval_every > 0 and step % eval_every == 0),
+               log=step % max(1, int(c.log_every_steps)) == 0 or last)
+
+
+def _train(setup, state, step: int, workdir: str, latest, mngr, writer, preempted) -> dict:
+  """The steps from `step` to the end: train, log, evaluate, diagnose, checkpoint. Returns the last
+  evaluation, or {'preempted_at': step} after saving on SIGTERM."""
+  c = setup.config
   collapse_diag = collapse.TrainingDiagnostics(setup, workdir) if c.diagnostics.every_steps else None
   if collapse_diag is not None and step == 0:
     collapse_diag(0, state, writer)       # the model at init: where collapse starts from
-
   batches = setup.train_batches(int(jax.device_get(state["data_position"])))
   bar = _progress(setup, step)
+  monitor = monitor_lib.TrainMonitor(
+      checkpoint_dir=ckpt.checkpoint_dir(workdir), last_good=latest,
+      skip_nonfinite=c.nonfinite_policy == "skip", max_skips=c.nonfinite_max_skips,
+      images_per_step=setup.micro_batch, steps_per_epoch=setup.steps_per_epoch * setup.accum)
   final = None
-  pending = None           # metrics of the previous step, fetched one step late (keeps dispatch async)
-  window, t_window, n_window = [], time.time(), 0
-  images_per_step = setup.micro_batch
-
-  last_good = [latest]   # newest checkpoint step written from finite training (None: none yet)
-  skip = c.nonfinite_policy == "skip"
-
-  def good_checkpoint() -> str:
-    if last_good[0] is None:
-      return "none yet (the run would restart from scratch)"
-    return f"step {last_good[0]} at {os.path.join(ckpt.checkpoint_dir(workdir), str(last_good[0]))}"
-
-  def check(m, at):
-    row = {k: float(v) for k, v in m.items()}
-    bad = [k for k in ("train/loss", "train/grad_norm") if not math.isfinite(row[k])]
-    if not bad:
-      return row
-    what = ", ".join(f"{k} = {row[k]}" for k in bad)
-    if skip:
-      n = int(row.get("train/nonfinite_skips", 0))
-      logging.warning("non-finite %s at step %d: update skipped (%d skipped so far)", what, at, n)
-      print(f"WARNING: non-finite {what} at step {at}: update skipped ({n} skipped so far)", flush=True)
-      if n > int(c.nonfinite_max_skips):
-        raise NonFiniteLossError(f"{n} updates skipped for NaN/inf (more than nonfinite_max_skips="
-                                 f"{c.nonfinite_max_skips}); last at step {at} ({what}). Last good checkpoint: "
-                                 f"{good_checkpoint()}.")
-      return {k: v for k, v in row.items() if k not in bad}
-    raise NonFiniteLossError(
-        f"non-finite {what} at step {at} (lr {row['train/lr']:.3g}); stopping. Last good checkpoint: "
-        f"{good_checkpoint()} -- rerunning the same command resumes from it. Lower optimizer.lr, enable "
-        f"optimizer.clip_grad_norm, check the data, or set --config.nonfinite_policy=skip to drop such updates "
-        f"(counted in train/nonfinite_skips).")
-
-  with ckpt.PreemptionFlag() as preempted:
-    try:
-      while step < total:
-        batch = shard_lib.global_batch(next(batches), setup.mesh)
-        rate = setup.keep_rate_at(step)
-        state, m = setup.train_step(state, batch, keep_rate=rate)
-        if rate is not None:
-          m = dict(m, **{"train/keep_rate": rate})
-        step += 1
-        if pending is not None:
-          window.append(check(*pending))
-        pending = (m, step)
-        n_window += 1
-        if c.debug_step_sleep:
-          time.sleep(float(c.debug_step_sleep))
-        if step == int(c.debug_crash_at_step):
-          raise RuntimeError(f"debug_crash_at_step: injected crash in the train step at step {step}")
-        last = step == total
-        saving = last or step % max(1, int(c.checkpoint_every_steps)) == 0 or bool(preempted)
-        evaluating = last or (eval_every > 0 and step % eval_every == 0)
-        logging_now = step % max(1, int(c.log_every_steps)) == 0 or last
-        if pending is not None and (saving or evaluating or logging_now):
-          window.append(check(*pending))   # never evaluate or save a state from a non-finite step
-          pending = None
-        if logging_now and window:
-          dt = max(time.time() - t_window, 1e-9)
-          keys = set().union(*window)
-          row = {k: float(np.mean([w[k] for w in window if k in w])) for k in sorted(keys)
-                 if any(k in w for w in window)}
-          if "train/nonfinite_skips" in keys:
-            row["train/nonfinite_skips"] = window[-1].get("train/nonfinite_skips", 0.0)
-          row["train/images_per_sec"] = n_window * images_per_step / dt
-          row["train/epoch"] = step / (setup.steps_per_epoch * setup.accum)
-          writer.write_scalars(step, row)
-          if bar is not None:
-            bar.set_postfix({"loss": f"{row['train/loss']:.4f}", "img/s": f"{row['train/images_per_sec']:.0f}"})
-          window, t_window, n_window = [], time.time(), 0
-        if bar is not None:
-          bar.update(1)
-        if evaluating:
-          final, state = run_eval(setup, state, writer, step)
-          if bar is not None:
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
-                                                   if isinstance(v, float)))
-        if collapse_diag is not None:
-          collapse_diag(step, state, writer)
-        if saving:
-          ckpt.save(mngr, step, state, setup.meta(), force=True)
-          last_good[0] = step
-        if preempted and not last:
-          mngr.wait_until_finished()
-          logging.warning("SIGTERM: saved step %d, exiting; rerun the same command to resume", step)
-          print(f"preempted: checkpoint saved at step {step}; rerun the same command to resume", flush=True)
-          return {"preempted_at": step}
-    finally:
+  try:
+    while step < setup.total_iters:
+      state, metrics = _train_step(setup, state, next(batches), step)
+      step += 1
+      monitor.record(metrics, step)
+      _debug_faults(c, step)
+      due = _Due.at(setup, step, preempted)
+      if due.save or due.evaluate or due.log:
+        monitor.settle()                   # never evaluate or save a state from a non-finite step
+      if due.log:
+        _log(monitor, writer, bar, step)
       if bar is not None:
-        bar.close()
-      mngr.wait_until_finished()
-      mngr.close()
-      writer.close()
-  _announce(final)
+        bar.update(1)
+      if due.evaluate:
+        final, state = _evaluate(setup, state, writer, bar, step)
+      if collapse_diag is not None:
+        collapse_diag(step, state, writer)
+      if due.save:
+        ckpt.save(mngr, step, state, setup.meta(), force=True)
+        monitor.saved(step)
+      if preempted and not due.last:
+        return _preempted(mngr, step)
+  finally:
+    if bar is not None:
+      bar.close()
   return final
+
+
+def _train_step(setup, state, batch, step: int):
+  """One micro-step on the host batch `batch`, at the scheduled EViT keep rate (logged as train/keep_rate)."""
+  rate = setup.keep_rate_at(step)
+  state, metrics = setup.train_step(state, shard_lib.global_batch(batch, setup.mesh), keep_rate=rate)
+  if rate is not None:
+    metrics = dict(metrics, **{"train/keep_rate": rate})
+  return state, metrics
+
+
+def _debug_faults(c, step: int) -> None:
+  """Fault injection for tests (config.debug_*): a slow step, a crash after a given step."""
+  if c.debug_step_sleep:
+    time.sleep(float(c.debug_step_sleep))
+  if step == int(c.debug_crash_at_step):
+    raise RuntimeError(f"debug_crash_at_step: injected crash in the train step at step {step}")
+
+
+def _log(monitor, writer, bar, step: int) -> None:
+  row = monitor.row(step)
+  if row is None:
+    return
+  writer.write_scalars(step, row)
+  if bar is not None:
+    bar.set_postfix({"loss": f"{row['train/loss']:.4f}", "img/s": f"{row['train/images_per_sec']:.0f}"})
+
+
+def _evaluate(setup, state, writer, bar, step: int) -> tuple[dict, dict]:
+  final, state = run_eval(setup, state, writer, step)
+  if bar is not None:
+    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)))
+  return final, state
+
+
+def _preempted(mngr, step: int) -> dict:
+  mngr.wait_until_finished()
+  logging.warning("SIGTERM: saved step %d, exiting; rerun the same command to resume", step)
+  print(f"preempted: checkpoint saved at step {step}; rerun the same command to resume", flush=True)
+  return {"preempted_at": step}
 
 
 def _announce(final: dict, already: bool = False):
