@@ -147,19 +147,27 @@ def test_convert_from_torch_needs_weights_or_a_name_with_weights(capsys):
 
 # ------------------------------------------------------------------------------------------------- EViT
 
+def _random_weights_argv(tmp_path, demo_data_dir, config_file: str, name: str, arch: dict, *extra: str):
+  """A random model of `arch` saved as safetensors, and evaluate's argv for the demo form of `config_file` at that
+  architecture on 128 demo test images."""
+  weights = str(tmp_path / f"{name}.safetensors")
+  save_torch(itesting.random_model(name, **arch), weights, name=name, overrides=arch)
+  return weights, ["--config", f"{ROOT / 'configs' / config_file}:demo", f"--config.data.data_dir={demo_data_dir}",
+                   "--config.data.eval_split=test[:128]", "--config.eval_batch_size=128",
+                   f"--config.model.overrides.embed_dim={arch['embed_dim']}",
+                   f"--config.model.overrides.depth={arch['depth']}",
+                   f"--config.model.overrides.num_heads={arch['num_heads']}", *extra]
+
+
 def test_evit_other_keep_rates_from_one_set_of_weights(demo_data_dir, tmp_path):
   """configs/evit_s.py:demo (keep rate 0.7 in blocks 1, 2) with random weights: the sweep over 0.5 and 1 (the
   blocks stacked differently: one scan segment at 1) gives two different results, and its 0.5 entry is,
   bit for bit, what `--config.model.overrides.keep_rate=0.5` gives."""
   name = "deit_small_patch16_shrink_base"
   arch = dict(TINY, depth=3, keep_rate=0.7, keep_rate_blocks=(1, 2), fuse_token=True, num_classes=10)
-  weights = str(tmp_path / "evit.safetensors")
-  save_torch(itesting.random_model(name, **arch), weights, name=name, overrides=arch)
-  argv = ["--config", f"{ROOT / 'configs' / 'evit_s.py'}:demo", f"--config.data.data_dir={demo_data_dir}",
-          "--config.data.eval_split=test[:128]", "--config.eval_batch_size=128",
-          "--config.model.overrides.embed_dim=32", "--config.model.overrides.depth=3",
-          "--config.model.overrides.num_heads=2", "--config.model.overrides.keep_rate_blocks=(1,2)",
-          "--weights", weights]
+  weights, argv = _random_weights_argv(tmp_path, demo_data_dir, "evit_s.py", name, arch,
+                                       "--config.model.overrides.keep_rate_blocks=(1,2)")
+  argv += ["--weights", weights]
   out = tmp_path / "sweep.json"
   evaluate_cli(argv + ["--keep_rates=0.5,1.0", "--out", str(out)])
   sweep = json.loads(out.read_text())["keep_rates"]
@@ -178,13 +186,9 @@ def test_deepvit_batch_norm_recalibrated_before_evaluating(demo_data_dir, tmp_pa
   statistics are re-estimated on train images first (other numbers than the file's statistics give)."""
   name = "deepvit_patch16_224_re_attn_24b"
   arch = dict(TINY, depth=2, reattention=True, num_classes=10)
-  weights = str(tmp_path / "deepvit.safetensors")
-  save_torch(itesting.random_model(name, **arch), weights, name=name, overrides=arch)
-  argv = ["--config", f"{ROOT / 'configs' / 'deepvit_24b.py'}:demo", f"--config.data.data_dir={demo_data_dir}",
-          "--config.data.eval_split=test[:128]", "--config.eval_batch_size=128",
-          "--config.model.overrides.embed_dim=32", "--config.model.overrides.depth=2",
-          "--config.model.overrides.num_heads=2", "--config.bn_recalibration.num_batches=1",
-          "--config.bn_recalibration.batch_size=64"]
+  weights, argv = _random_weights_argv(tmp_path, demo_data_dir, "deepvit_24b.py", name, arch,
+                                       "--config.bn_recalibration.num_batches=1",
+                                       "--config.bn_recalibration.batch_size=64")
   config = parse(argv)[0].config
   assert config.bn_recalibration.enabled
   recalibrated = E.run(config, weights=weights)["val"]
