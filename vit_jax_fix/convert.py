@@ -69,10 +69,9 @@ def import_weights(weights: str | None, out: str, *, name: str | None = None, ov
     if not name:
       raise errors.ArgumentError("from-torch needs --weights FILE, or --name NAME of a model whose authors released "
                                  "weights (downloaded once into the cache).")
-    from vit_jax_fix.interop.weights import resolve
-    from vit_jax_fix.models.registry import get_spec
-    weights = resolve(name)
-    layout = get_spec(name).weights.layout if layout == "auto" else layout
+    from vit_jax_fix.interop.weights import released
+    weights, table_layout = released(name)
+    layout = table_layout if layout == "auto" else layout
   if weights.endswith(".npz"):
     from vit_jax_fix.interop.npz import load_npz
     if name is None:

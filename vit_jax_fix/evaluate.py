@@ -115,13 +115,11 @@ def load_weights(setup, *, checkpoint: str | None = None, weights: str | None = 
   import jax
   import numpy as np
 
-  from vit_jax_fix.models import registry
   from vit_jax_fix.train import finetune
   model_def = setup.model_def
   if pretrained:
-    from vit_jax_fix.interop.weights import resolve
-    path = resolve(model_def.name)     # cached, else the mirror, else downloaded (verified)
-    layout = registry.get_spec(model_def.name).weights.layout
+    from vit_jax_fix.interop.weights import released
+    path, layout = released(model_def.name)     # cached, else the mirror, else downloaded (verified)
     label = f"pretrained weights of {model_def.name} ({path})"
   else:
     path = checkpoint or weights

@@ -220,7 +220,7 @@ def resolve(source: str, *, progress: bool = True, timeout: float = DEFAULT_TIME
   if _is_url(source):
     url, file_name, expected, what, note = source, _file_name_of(source), "", source, ""
   elif os.sep in source or source.endswith((".pth", ".pt", ".bin", ".safetensors", ".npz")):
-    raise FileNotFoundError(f"no such weights file: {source}")
+    raise errors.MissingFileError(f"no such weights file: {source}")
   else:
     spec = registry.get_spec(source)  # an unknown name is a KeyError naming the nearest ones
     w = spec.weights
@@ -246,6 +246,15 @@ def resolve(source: str, *, progress: bool = True, timeout: float = DEFAULT_TIME
   return download(url, path, sha256=expected, progress=progress, timeout=timeout)
 
 
+def released(name: str, *, progress: bool = True) -> tuple[str, str]:
+  """(local file, key layout) of the authors' released weights of registered `name`: `resolve(name)` and the
+  weights table's layout. What `pretrained=True`, `init_from.pretrained`, `evaluate --pretrained` and
+  `convert from-torch --name` read."""
+  from vit_jax_fix.models import registry
+  path = resolve(name, progress=progress)
+  return path, registry.get_spec(name).weights.layout
+
+
 # -------------------------------------------------------------------------------------------- loading
 
 def load_pretrained(name: str, source: bool | str = True, *, layout: str | None = None, ema: bool | None = None,
@@ -254,11 +263,9 @@ def load_pretrained(name: str, source: bool | str = True, *, layout: str | None 
   else a path or URL). `layout` defaults to the table's for True, else detection ('auto')."""
   from vit_jax_fix.interop.checkpoint_io import load_torch
   from vit_jax_fix.interop.state_dict import StateDictMismatch
-  from vit_jax_fix.models import registry
-  spec = registry.get_spec(name)
   if source is True:
-    path = resolve(name, progress=progress)
-    layout = layout or spec.weights.layout
+    path, table_layout = released(name, progress=progress)
+    layout = layout or table_layout
   elif isinstance(source, (str, os.PathLike)):
     path = resolve(os.fspath(source), progress=progress)
     layout = layout or "auto"

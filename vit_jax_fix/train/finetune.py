@@ -145,10 +145,9 @@ def load_pretrained(config, model_def, params, batch_stats):
   source = f"init_from.path={src_path!r}"
   if config.init_from.get("pretrained", False):
     if src_path:
-      raise ValueError(f"set init_from.path or init_from.pretrained, not both (path={src_path!r}).")
-    from vit_jax_fix.interop.weights import resolve
-    src_path = resolve(model_def.name)   # the table's file: cached, else mirror, else download
-    layout = registry.get_spec(model_def.name).weights.layout
+      raise errors.ConfigError(f"set init_from.path or init_from.pretrained, not both (path={src_path!r}).")
+    from vit_jax_fix.interop.weights import released
+    src_path, layout = released(model_def.name)   # the table's file: cached, else mirror, else download
     source = f"init_from.pretrained ({src_path})"
   src_p, src_s = read_weights(src_path, model_def, layout=layout, ema=bool(config.init_from.ema))
   return fit_weights(model_def, params, batch_stats, src_p, src_s, reinit_head=config.init_from.reinit_head,
