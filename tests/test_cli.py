@@ -132,6 +132,14 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_user_errors(monkeypatch, caps
   assert e.value.code == 1 and capsys.readouterr().err == "tool: error: no such weights file: x.pth\n"
   with pytest.raises(RuntimeError, match="a bug"):
     errors.exit_on_user_error(bug)()
+
+  def bug_while_handling():
+    try:
+      user()
+    except errors.UserError:
+      bug()
+  with pytest.raises(RuntimeError, match="a bug"):   # not reported as the user error it was handling
+    errors.exit_on_user_error(bug_while_handling)()
   monkeypatch.setenv(errors.DEBUG_ENV, "1")
   with pytest.raises(errors.MissingFileError):
     errors.exit_on_user_error(user)()

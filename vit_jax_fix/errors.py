@@ -60,9 +60,12 @@ class BadFileError(UserError, ValueError):
   without the expected entries, an npz of another architecture."""
 
 
-def find_user_error(exc: BaseException | None, *, deepest: bool = False) -> UserError | None:
-  """The first (or, with `deepest`, the original) `UserError` in `exc`'s cause / context chain. Flag parsers
-  re-raise what a config file raised with the traceback in the message: the original is the one to show."""
+def find_user_error(exc: BaseException | None, *, deepest: bool = False,
+                    through_context: bool = False) -> UserError | None:
+  """The first (or, with `deepest`, the original) `UserError` in `exc`'s chain of explicit causes (`raise X
+  from user_error`). `through_context` also follows implicit contexts (an exception raised while handling
+  another): flag parsers re-raise what a config file raised that way, with the traceback in the message. A
+  CLI's main does not follow them: a bug raised while handling a user error is a bug."""
   seen, found = set(), None
   while exc is not None and id(exc) not in seen:
     if isinstance(exc, UserError):
@@ -70,7 +73,7 @@ def find_user_error(exc: BaseException | None, *, deepest: bool = False) -> User
       if not deepest:
         return found
     seen.add(id(exc))
-    exc = exc.__cause__ or exc.__context__
+    exc = exc.__cause__ or (exc.__context__ if through_context else None)
   return found
 
 
@@ -86,7 +89,7 @@ def report(err: UserError, prog: str | None = None) -> int:
 
 
 def exit_on_user_error(fn=None, *, prog: str | None = None):
-  """Decorator for a CLI's main: a `UserError` (anywhere in the exception chain) becomes its message on stderr
+  """Decorator for a CLI's main: a `UserError` (or one it was raised from) becomes its message on stderr
   and `sys.exit(exit_code)`; with VIT_JAX_FIX_DEBUG=1 it is re-raised with its traceback."""
   if fn is None:
     return functools.partial(exit_on_user_error, prog=prog)

@@ -58,7 +58,7 @@ def parse_flags(argv, flag_values: flags.FlagValues = flags.FLAGS, name: str = "
   try:
     rest = flag_values(argv)
   except flags.Error as e:
-    user = errors.find_user_error(e, deepest=True)
+    user = errors.find_user_error(e, deepest=True, through_context=True)
     if user is not None:
       raise user from None
     raise errors.UsageError(f"{e}\nPass --helpfull to see every flag.") from None
