@@ -5,6 +5,7 @@
 | deit       | deit_small_patch16_224    | `deit_small_patch16_224`    | VisionTransformer (img_size, patch_size, ...) |
 | deit3      | deit_small_patch16_LS     | `deit3_small_patch16_224`   | + no_embed_class=True, init_values=<gamma>    |
 | cait       | cait_S24_224              | `cait_s24_224`              | Cait + init_values, depth_token_only          |
+| deit (dist_token) | deit_small_distilled_patch16_224 | same name           | VisionTransformerDistilled (same keys)        |
 
 Key names: timm's ViT keys are the official DeiT keys; DeiT III's `blocks.i.gamma_{1,2}` become
 `blocks.i.ls{1,2}.gamma` (`state_dict.py`, layout='timm'); timm's Cait keeps the official CaiT names.
@@ -43,9 +44,11 @@ def full_kwargs(name: str, **overrides) -> dict:
   return {**defaults, **resolve_kwargs(name, **overrides)}
 
 
-def _timm_name(name: str, family: str) -> str:
+def _timm_name(name: str, family: str, distilled: bool = False) -> str:
+  if family == "deit" and distilled:   # timm's VisionTransformerDistilled
+    return name if "_distilled_" in name else "deit_small_distilled_patch16_224"
   if family == "deit":
-    return name if name.startswith("deit_") else "deit_small_patch16_224"
+    return name if name.startswith("deit_") and "_distilled_" not in name else "deit_small_patch16_224"
   if family == "deit3":
     # deit_small_patch16_LS (official) and deit3_small_patch16_224 (our alias) -> timm's deit3_*
     for size in ("tiny", "small", "medium", "base", "large", "huge"):
@@ -117,7 +120,7 @@ def timm_config(name: str, **overrides) -> tuple[str, dict]:
   else:
     out.update(no_embed_class=kw.get("pos_embed", "cls") == "patches",
                init_values=None if layer_scale is None else float(layer_scale))
-  return _timm_name(name, spec.family), out
+  return _timm_name(name, spec.family, bool(kw.get("dist_token"))), out
 
 
 def is_timm_model(name: str, **overrides) -> bool:

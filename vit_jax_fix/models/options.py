@@ -128,6 +128,8 @@ OPTIONS: tuple[Option, ...] = (
           "`'patches'` (DeiT III, CaiT) covers the patches only, the class token is concatenated afterwards"),
     O("class_attn_depth", 0, timm="Cait's `depth_token_only`", row="class_attn_depth", example="2",
       doc="CaiT class-attention blocks after the self-attention blocks (the class token joins only there)"),
+    O("dist_token", False, timm="`VisionTransformerDistilled` (deit_*_distilled)", example="True",
+      doc="DeiT's distillation token and `head_dist`: both heads' logits in training, their mean in eval"),
     O("class_attn_layer_scale", None, row="class_attn_depth", example="1e-5",
       doc="their LayerScale init (default: the last block's `layer_scale`, else 1e-5)"),
     # --- the fixes, options of every block

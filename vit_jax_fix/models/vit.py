@@ -166,7 +166,7 @@ class VisionTransformer(nnx.Module):
                feat_scale_bands: int = 2, feat_scale_impl: str = "auto", aug_shortcut: Any = None,
                num_cir: int = 4, circulant_impl: str = "auto", aug_paper_form: bool = False,
                scale_adjustment: float = 1.0, keep_rate: Any = 1.0, keep_rate_blocks: Sequence[int] | None = None,
-               fuse_token: bool = False, scan_blocks: bool = True, remat: bool | str = "dots",
+               fuse_token: bool = False, dist_token: bool = False, scan_blocks: bool = True, remat: bool | str = "dots",
                param_layout: str = layout.PER_BLOCK, dtype=None, precision=None, rngs: nnx.Rngs | None = None):
     args = {k: v for k, v in locals().items() if k not in ("self", "rngs")}   # as options.OPTIONS names them
     rngs = rngs if rngs is not None else nnx.Rngs(params=0, dropout=1)
@@ -202,11 +202,17 @@ class VisionTransformer(nnx.Module):
     self.grid_size = (img[0] // patch_size, img[1] // patch_size)
     num_patches = self.grid_size[0] * self.grid_size[1]
     self.cls_token = nnx.Param(layers.trunc_normal_02(rngs.params(), (1, 1, embed_dim)))
-    n_pos = num_patches + (1 if pos_embed == "cls" else 0)
+    # DeiT's distillation token (DistilledVisionTransformer): a second prefix token with its own slot in
+    # pos_embed and its own head; see __call__ for what the two heads return.
+    if dist_token and (pos_embed != "cls" or class_attn_depth):
+      raise ValueError("dist_token (DeiT distillation token) needs pos_embed='cls' and no class-attention blocks")
+    self.dist_token = (nnx.Param(layers.trunc_normal_02(rngs.params(), (1, 1, embed_dim))) if dist_token
+                       else nnx.data(None))
+    n_pos = num_patches + (1 + bool(dist_token) if pos_embed == "cls" else 0)
     self.pos_embed = nnx.Param(layers.trunc_normal_02(rngs.params(), (1, n_pos, embed_dim)))
     self.pos_drop = nnx.Dropout(drop_rate, rngs=rngs)
     # The class token sits in the sequence of the self-attention blocks except in CaiT.
-    self.num_prefix_tokens = 0 if class_attn_depth else 1
+    self.num_prefix_tokens = 0 if class_attn_depth else 1 + bool(dist_token)
 
     if drop_path_schedule == "linear":
       dpr = [float(r) for r in np.linspace(0, drop_path_rate, depth)]
@@ -217,6 +223,8 @@ class VisionTransformer(nnx.Module):
     # Every block's arguments, each option broadcast by its rule in options.OPTIONS.
     block_args = options.block_arguments(args, depth)
     keep, fs = block_args["keep_rate"], block_args["feat_scale"]
+    if any(k < 1.0 for k in keep) and dist_token:
+      raise ValueError("EViT token reorganisation keeps one prefix token; it does not take a dist_token")
     if any(k < 1.0 for k in keep) and self.num_prefix_tokens == 0:
       raise ValueError("EViT token reorganisation scores tokens by the class token's attention; "
                        "it cannot run in CaiT's self-attention stage, which has no class token")
@@ -243,6 +251,11 @@ class VisionTransformer(nnx.Module):
     self.norm = layers.layer_norm(embed_dim, norm_eps, rngs=rngs)
     self.head = (layers.linear(embed_dim, num_classes, rngs=rngs, precision=precision)
                  if num_classes else nnx.data(None))
+    self.head_dist = (layers.linear(embed_dim, num_classes, rngs=rngs, precision=precision)
+                      if num_classes and dist_token else nnx.data(None))
+    # nnx's train()/eval() switch (as for Dropout): a distilled model returns both heads' logits in training
+    # and their average in evaluation, as DeiT's DistilledVisionTransformer does with torch's module.training.
+    self.deterministic = False
 
   @property
   def param_layout(self) -> str:
@@ -322,6 +335,8 @@ class VisionTransformer(nnx.Module):
                        f"resized when loading weights, see vit_jax_fix.interop)")
     b = x.shape[0]
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, self.embed_dim)).astype(x.dtype)
+    if self.dist_token is not None:
+      cls = jnp.concatenate([cls, jnp.broadcast_to(self.dist_token[...], cls.shape).astype(x.dtype)], axis=1)
     if self.pos_embed_mode == "cls":
       x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
     else:
@@ -335,7 +350,9 @@ class VisionTransformer(nnx.Module):
     num_classes=0; with return_intermediates=True, (logits, intermediates) where intermediates holds
     'embed' (B, N0, D), 'tokens' (list of block outputs (B, N_i, D)), 'attn' (list of post-softmax maps
     (B, H, N_i, N_i)), 'reorg' (EViT: list of {'idx', 'cls_attn'} or None), 'cls_tokens' and 'cls_attn'
-    (CaiT class-attention outputs and maps) and 'pre_logits' (B, D)."""
+    (CaiT class-attention outputs and maps) and 'pre_logits' (B, D).
+    With dist_token (DeiT distilled): in training mode (`model.train()`, the default) logits are the pair
+    (head(x_cls), head_dist(x_dist)); in evaluation mode (`model.eval()`) their average."""
     x, grid = self.embed(images)
     inter = {"embed": x, "tokens": [], "attn": [], "reorg": [], "cls_tokens": [], "cls_attn": []}
     x, inter["tokens"], inter["attn"], inter["reorg"] = self._run_blocks(x, grid, return_intermediates)
@@ -346,7 +363,11 @@ class VisionTransformer(nnx.Module):
         inter["cls_tokens"].append(cls)
         inter["cls_attn"].append(probs)
       x = jnp.concatenate([cls, x], axis=1)
-    pre_logits = self.norm(x)[:, 0]
+    normed = self.norm(x)
+    pre_logits = normed[:, 0]
     inter["pre_logits"] = pre_logits
     out = self.head(pre_logits) if self.head is not None else pre_logits
+    if self.head_dist is not None:
+      out_dist = self.head_dist(normed[:, 1])
+      out = (out + out_dist) / 2 if self.deterministic else (out, out_dist)
     return (out, inter) if return_intermediates else out

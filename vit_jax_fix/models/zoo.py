@@ -27,6 +27,13 @@ for size, top1 in (("tiny", 72.2), ("small", 79.9), ("base", 81.8)):
   register(f"deit_{size}_patch16_224", "deit", VIT, dict(_DEIT, embed_dim=d, num_heads=h),
            paper_top1=top1, source="facebookresearch/deit models.py")
 
+# --- DeiT distilled (models.py DistilledVisionTransformer): + dist_token, pos_embed over N_p + 2, head_dist;
+# trained by hard distillation from RegNetY-16GF (regnety_160); evaluation averages the two heads.
+for size, top1 in (("tiny", 74.5), ("small", 81.2), ("base", 83.4)):
+  d, h = _SIZES[size]
+  register(f"deit_{size}_distilled_patch16_224", "deit", VIT, dict(_DEIT, embed_dim=d, num_heads=h, dist_token=True),
+           paper_top1=top1, source="facebookresearch/deit models.py")
+
 # --- DeiT III (models_v2.py): LayerScale 1e-4, pos_embed without the class slot, constant drop-path, crop 1.0
 for size, top1 in (("small", 81.4), ("base", 83.8)):
   d, h = _SIZES[size]
@@ -123,6 +130,10 @@ _WEIGHTS = {
                                       source="facebookresearch/deit README_deit.md"),
     "deit_base_patch16_224": Weights(_FB + "deit_base_patch16_224-b5f2ef4d.pth", "deit_base_patch16_224-b5f2ef4d.pth",
                                      sha256="b5f2ef4d", source="facebookresearch/deit README_deit.md"),
+    **{f"deit_{size}_distilled_patch16_224": Weights(_FB + f"deit_{size}_distilled_patch16_224-{h}.pth",
+                                                     f"deit_{size}_distilled_patch16_224-{h}.pth", sha256=h,
+                                                     source="facebookresearch/deit README_deit.md")
+       for size, h in (("tiny", "b40b3cf7"), ("small", "649709d9"), ("base", "df68dfff"))},
     # CaiT: README_cait.md (S24 224); XXS24 224 is published in cait_models.py (cait_XXS24_224, pretrained=True).
     "cait_S24_224": Weights(_FB + "S24_224.pth", "S24_224.pth", source="facebookresearch/deit README_cait.md",
                             note="keys carry a 'module.' prefix (stripped on load)"),
