@@ -4,8 +4,8 @@
 Reproduces: 80.9% top-1 (paper Table 2; DeiT-S baseline 79.8). Recipe: global batch 1024, 300 epochs, AdamW
 lr 1e-3 (unscaled), wd 0.05, warm-up 5 epochs from 1e-6, cosine to 1e-5, RandAugment m9, mixup 0.8 / cutmix
 1.0, smoothing 0.1, random erasing 0.25, repeated augmentation, drop-path 0.1, EMA 0.99996, mean = std = 0.5.
-(The official run trains 310 epochs: the cosine over 300, then 10 cooldown epochs at about min lr; this
-config stops at 300.)
+As the official timm train.py: the cosine over 300 epochs stepped per epoch (epoch e at timm's value for e),
+then 10 cooldown epochs at min lr (310 epochs run).
 
 Demo (a few minutes on 2 CPU cores; the README's first command):
   python main.py --config configs/augvit_s.py:demo --workdir /tmp/augvit_demo
@@ -29,6 +29,7 @@ def get_config(arg: str = ""):
   c.optimizer.lr = 1e-3
   c.optimizer.lr_batch_scale = 0
   c.ema.decay = 0.99996
+  common.timm_train_py(c)
   if arg == "demo":
     return common.demo(c, dict(aug_shortcut="circulant2"))
   return common.finish(c, arg)

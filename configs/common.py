@@ -41,6 +41,14 @@ def deit3(c, *, batch: int, lr: float, epochs: int):
   return c
 
 
+def timm_train_py(c):
+  """The schedule of timm's train.py (DeepViT, AugViT): the cosine stepped with the next epoch's index after each
+  epoch (epoch e at timm's value for e), then timm's 10 cooldown epochs at min_lr (310 epochs run)."""
+  c.schedule.step_per = "epoch_timm"
+  c.schedule.cooldown_epochs = 10
+  return c
+
+
 SHUNTED_DEMO = dict(img_size=32, embed_dims=(32, 64, 96, 128), depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 8),
                     drop_path_rate=0.0)
 
@@ -86,6 +94,7 @@ def demo(c, model_overrides=None, epochs: float = 15.0, replace: bool = False):
   c.schedule.warmup_steps = -1
   c.schedule.warmup_epochs = 2
   c.schedule.step_per = "update"  # the demos were tuned with the smooth per-update schedule
+  c.schedule.cooldown_epochs = 0
   c.schedule.min_lr = 1e-5
   c.ema.decay = 0.99            # ~100-step horizon: the demo trains ~500 steps
   c.bn_recalibration.num_batches = 4
@@ -119,6 +128,7 @@ def deepvit(depth: int, arg: str):
   c.data.color_jitter = 0.4
   c.data.interpolation = "random"
   c.bn_recalibration.enabled = True
+  timm_train_py(c)
   if depth == 32:  # the 32B yaml mixes less: mixup 0.1, no cutmix
     c.data.mixup = 0.1
     c.data.cutmix = 0.0

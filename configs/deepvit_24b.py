@@ -2,7 +2,7 @@
 
   python main.py --config configs/deepvit_24b.py --workdir /ckpt/deepvit_24b
 Reproduces: 79.99% top-1 (README). Recipe (scripts/*.yaml): AdamW lr 5e-4 (unscaled), wd 0.05, 300 epochs
-(timm adds 10 cooldown), warm-up 5, RandAugment m9, mixup 0.8 / cutmix 1.0,
++ 10 cooldown at min lr (timm's train.py schedule), warm-up 5, RandAugment m9, mixup 0.8 / cutmix 1.0,
 smoothing 0.1, erasing 0.25, no repeated augmentation, drop-path 0.2, EMA 0.99996 (evaluated), BatchNorm
 re-calibration (50 batches of 256 train images, eval transforms) before every evaluation. The global batch is
 not recorded; 256 x 32 GPUs would be a guess, so batch 1024 is used here.

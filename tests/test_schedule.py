@@ -145,3 +145,60 @@ def test_workdirs_written_before_step_per_existed_resume():
   c = C.base_config()
   c.schedule.step_per = "epoch"                   # a new schedule is a new training: refused
   assert ckpt.config_differences(old, c) == ["schedule.step_per: 'update' in the workdir, 'epoch' now"]
+
+
+def timm_train_py_lrs(updates_per_epoch: int, **args) -> np.ndarray:
+  """The rate of every optimizer update of a run of timm's train.py (DeepViT, AugViT): create_scheduler's
+  second value, cosine epochs + cooldown_epochs, is the number of epochs trained, and the loop calls
+  `lr_scheduler.step(epoch + 1, metric)` after each epoch (`step_update` is a no-op for a per-epoch cosine)."""
+  args = argparse.Namespace(**dict(DEIT_SCHED_DEFAULTS, **args))
+  optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+  lr_scheduler, num_epochs = create_scheduler(args, optimizer)
+  lrs = []
+  for epoch in range(0, num_epochs):
+    lrs += [optimizer.param_groups[0]["lr"]] * updates_per_epoch
+    lr_scheduler.step(epoch + 1, 0.0)
+  return np.asarray(lrs)
+
+
+# timm train.py runs: (config, updates per epoch, the yaml / readme command's scheduler values)
+TIMM_TRAIN_CASES = {
+    "deepvit_16b": ("deepvit_16b", 3, dict(lr=5e-4)),
+    "augvit_s": ("augvit_s", 2, dict(lr=1e-3)),
+}
+
+
+@pytest.mark.parametrize("case", list(TIMM_TRAIN_CASES))
+def test_timm_train_py_schedule_with_cooldown(case):
+  """DeepViT and AugViT trained with timm's train.py: 300 cosine epochs stepped as that loop steps them (epoch e
+  at timm's value for e, one epoch earlier than DeiT's main.py), then 10 cooldown epochs at min_lr: 310 epochs."""
+  name, spe, official = TIMM_TRAIN_CASES[case]
+  c = get_config(name)
+  assert (c.schedule.step_per, c.schedule.cooldown_epochs) == ("epoch_timm", 10)
+  ref = timm_train_py_lrs(spe, **official)
+  got = ours(c, spe)
+  assert got.shape == ref.shape == (310 * spe,)
+  np.testing.assert_allclose(got, ref, rtol=RTOL, atol=0)
+  per_epoch = got.reshape(-1, spe)
+  assert per_epoch[0, 0] == np.float32(1e-6) and per_epoch[1, 0] > per_epoch[0, 0]   # no repeated epoch 0
+  assert (per_epoch[300:] == np.float32(1e-5)).all() and per_epoch[299, 0] > 1e-5
+
+
+def test_cooldown_lengthens_the_run_at_min_lr():
+  """cooldown_epochs adds updates after the cosine (total_steps counts the cosine) in every form; the
+  per-update cosine still ends at min_lr where the cooldown starts; the demos (the README's first command)
+  have none."""
+  c = C.base_config()
+  c.num_epochs, c.batch_size, c.schedule.warmup_epochs, c.optimizer.lr_batch_scale = 4, 10, 1, 0
+  c.schedule.cooldown_epochs = 2
+  assert C.total_steps(c, 100) == 60
+  c.total_steps = 30
+  assert C.total_steps(c, 100) == 50
+  c.total_steps = -1
+  lrs = np.asarray(optim.schedule(c, 60, 10)(jnp.arange(60)))
+  assert lrs[39] > 1.001e-5 and np.allclose(lrs[40:], 1e-5, rtol=1e-6) and lrs[5] < lrs[15] > lrs[30]
+  for name in ("augvit_s", "deepvit_16b", "deepvit_32b"):
+    assert get_config(name, "demo").schedule.cooldown_epochs == 0
+  c.schedule.cooldown_epochs = -1
+  with pytest.raises(ConfigError, match="cooldown_epochs"):
+    C.validate(c)

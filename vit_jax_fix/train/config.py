@@ -20,12 +20,19 @@ optimizer.weight_decay, .wd_exempt      decoupled weight decay; exempt: 1-D para
                                         LayerScale), pos_embed, cls/dist tokens, and regexes in wd_exempt
 optimizer.clip_grad_norm                global-norm clipping (0 = off)
 optimizer.grad_accum_steps              optax.MultiSteps micro-batches per update
+optimizer.layer_decay                   layer-wise lr decay d (0 = off): update x d ** (L + 1 - layer id), timm's
+                                        param_groups_layer_decay ids (stem 0, block i -> i + 1, head L + 1)
+optimizer.freeze                        regex (re.fullmatch) on per-block parameter paths ('blocks/3/mlp/fc1/
+                                        kernel'): those parameters are not trained ('' = none; see train.transfer)
 schedule.*                              linear warm-up from warmup_init_lr over warmup_epochs (or
                                         warmup_steps), then cosine to min_lr (``train.optim``)
 schedule.step_per                       'update' (default): the smooth form, a new value every update |
                                         'epoch' (paper configs): the official DeiT main.py schedule, timm's
                                         cosine stepped after each epoch -- constant within an epoch, epoch
-                                        e at timm's value for max(e - 1, 0)
+                                        e at timm's value for max(e - 1, 0) | 'epoch_timm' (DeepViT,
+                                        AugViT): as timm's train.py steps it, epoch e at timm's value for e
+schedule.cooldown_epochs                epochs at min_lr after the cosine (timm's cooldown_epochs), added to
+                                        the training length (num_epochs / total_steps count the cosine)
 loss                                    'softmax_ce' (soft targets) | 'bce' (DeiT III)
 ema.decay, ema.evaluate                 parameter EMA (0 = off) and whether it is evaluated too
 train_mode                              False: dropout / drop-path / BN updates off while training (EViT FT)
@@ -93,12 +100,15 @@ def base_config() -> ConfigDict:
   c.optimizer.wd_exempt = ("pos_embed", "cls_token", "dist_token")
   c.optimizer.clip_grad_norm = 0.0
   c.optimizer.grad_accum_steps = 1
+  c.optimizer.layer_decay = 0.0            # layer-wise lr decay (0 = off; BEiT / timm --layer-decay)
+  c.optimizer.freeze = ""                  # regex on per-block param paths: frozen ('' = none)
   c.schedule = ConfigDict()
   c.schedule.warmup_epochs = 5.0
   c.schedule.warmup_steps = -1              # > 0 wins over warmup_epochs
   c.schedule.warmup_init_lr = 1e-6
   c.schedule.min_lr = 1e-5
-  c.schedule.step_per = "update"            # 'update' | 'epoch' (official per-epoch timm stepping)
+  c.schedule.step_per = "update"            # 'update' | 'epoch' | 'epoch_timm' (official per-epoch stepping)
+  c.schedule.cooldown_epochs = 0.0          # epochs at min_lr after the cosine (DeepViT, AugViT: 10)
   c.loss = "softmax_ce"
   c.ema = ConfigDict()
   c.ema.decay = 0.99996                     # 0 = off
@@ -216,6 +226,10 @@ def validate(config) -> None:
                       f"optimizer.grad_accum_steps={k} (>= 1).")
   if config.total_steps <= 0 and not config.num_epochs > 0:
     raise ConfigError("set config.num_epochs > 0 or config.total_steps > 0.")
+  if not config.schedule.cooldown_epochs >= 0:
+    raise ConfigError(f"config.schedule.cooldown_epochs={config.schedule.cooldown_epochs} must be >= 0.")
+  if not 0.0 <= config.optimizer.layer_decay <= 1.0:
+    raise ConfigError(f"config.optimizer.layer_decay={config.optimizer.layer_decay} must be in [0, 1] (0 = off).")
   if not 0.0 <= config.ema.decay < 1.0:
     raise ConfigError(f"config.ema.decay={config.ema.decay} must be in [0, 1).")
   if config.nonfinite_policy not in ("stop", "skip"):
@@ -224,13 +238,14 @@ def validate(config) -> None:
   eval_lib.check_evals(config.evals)
 
 
-SCHEDULE_STEP_PER = ("update", "epoch")
+SCHEDULE_STEP_PER = ("update", "epoch", "epoch_timm")
 
 
 def check_step_per(value) -> None:
   if value not in SCHEDULE_STEP_PER:
-    raise ConfigError(f"config.schedule.step_per={value!r}: use 'update' (a new learning rate every update) or "
-                      f"'epoch' (the official per-epoch schedule).")
+    raise ConfigError(f"config.schedule.step_per={value!r}: use 'update' (a new learning rate every update), "
+                      f"'epoch' (the official DeiT main.py per-epoch schedule) or 'epoch_timm' (timm's train.py "
+                      f"per-epoch schedule).")
 
 
 def peak_lr(config) -> float:
@@ -243,10 +258,17 @@ def steps_per_epoch(config, num_train_examples: int) -> int:
   return max(1, num_train_examples // int(config.batch_size))
 
 
+def cooldown_updates(config, steps_per_epoch_: int) -> int:
+  """Optimizer updates of the cooldown at min_lr after the cosine (schedule.cooldown_epochs)."""
+  return int(round(float(config.schedule.get("cooldown_epochs", 0.0)) * steps_per_epoch_))
+
+
 def total_steps(config, num_train_examples: int) -> int:
+  """Optimizer updates of the run: the cosine (total_steps, or num_epochs) plus the cooldown epochs."""
+  spe = steps_per_epoch(config, num_train_examples)
   if config.total_steps > 0:
-    return int(config.total_steps)
-  return max(1, int(math.ceil(config.num_epochs * steps_per_epoch(config, num_train_examples))))
+    return int(config.total_steps) + cooldown_updates(config, spe)
+  return max(1, int(math.ceil(config.num_epochs * spe))) + cooldown_updates(config, spe)
 
 
 def from_dict(d: dict) -> ConfigDict:

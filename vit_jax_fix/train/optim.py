@@ -14,16 +14,22 @@
              = lr_min                                                    t >= T (past the one cycle)
         lr(u) = v(max(floor(u / E) - 1, 0))
 
-    constant within an epoch (without warm-up epoch 0 trains at the base rate, v(0) again). T = total updates
-    / E (num_epochs, or total_steps / E), W = warmup_epochs (or warmup_steps / E).
+    constant within an epoch (without warm-up epoch 0 trains at the base rate, v(0) again). T = num_epochs (or
+    total_steps / E), W = warmup_epochs (or warmup_steps / E).
+  - ``'epoch_timm'`` (DeepViT, AugViT: timm's train.py): the same v(t), but that loop calls
+    ``step(epoch + 1)`` after each epoch, so epoch e trains at v(e): lr(u) = v(floor(u / E)).
   - ``'update'``: ``optax.warmup_cosine_decay_schedule`` -- linear warm-up from ``warmup_init_lr`` over the
-    warm-up updates, then cosine to ``min_lr`` at the last update: the smooth per-update form.
+    warm-up updates, then cosine to ``min_lr`` at the last update of the cosine: the smooth per-update form.
+
+  ``schedule.cooldown_epochs`` C (timm's ``cooldown_epochs``; DeepViT and AugViT train 300 + 10): the run is
+  C epochs longer than the cosine, and those epochs train at ``min_lr`` (v(t) = lr_min for t >= T above).
 * AdamW: ``optax.adamw`` with a weight-decay mask (the DeiT/timm exemptions: every 1-D parameter -- biases,
   norms, LayerScale gammas, FeatScale gains -- plus ``pos_embed``, ``cls_token``, ``dist_token``).
 * LAMB (DeiT III, apex FusedLAMB): Adam moments, decoupled weight decay and the trust ratio applied to the
   decayed parameters only (``optax.masked(optax.scale_by_trust_ratio())``), global-norm clipping first.
 * ``optax.clip_by_global_norm`` when ``clip_grad_norm > 0``; ``optax.MultiSteps`` for gradient accumulation.
 * EMA of the parameters: ``optax.incremental_update`` (timm ModelEma), applied after each real update.
+* Layer-wise learning-rate decay and freezing by regex (fine-tuning, linear probes): ``train.transfer``.
 
 Stacked blocks (``block_stacks/...``, a leading block axis) are treated as the blocks they hold: the decay
 mask looks at one block's rank, and the trust ratio is computed per block (``blockwise``), so the update
@@ -39,6 +45,7 @@ import optax
 
 from vit_jax_fix.models import layout
 from vit_jax_fix.train import config as config_lib
+from vit_jax_fix.train import transfer
 
 
 def schedule(config, total_updates: int, steps_per_epoch: int) -> optax.Schedule:
@@ -46,26 +53,28 @@ def schedule(config, total_updates: int, steps_per_epoch: int) -> optax.Schedule
   s = config.schedule
   peak = config_lib.peak_lr(config)
   config_lib.check_step_per(s.step_per)
-  if s.step_per == "epoch":
+  # The cosine ends before the cooldown epochs (total_updates counts them: config.total_steps).
+  cosine_updates = max(total_updates - config_lib.cooldown_updates(config, steps_per_epoch), 1)
+  if s.step_per in ("epoch", "epoch_timm"):
     warmup = s.warmup_steps / steps_per_epoch if s.warmup_steps > 0 else float(s.warmup_epochs)
     return per_epoch_cosine(peak, warmup_init_lr=float(s.warmup_init_lr), warmup_epochs=warmup,
-                            epochs=total_updates / steps_per_epoch, min_lr=float(s.min_lr),
-                            steps_per_epoch=steps_per_epoch)
+                            epochs=cosine_updates / steps_per_epoch, min_lr=float(s.min_lr),
+                            steps_per_epoch=steps_per_epoch, lag=1 if s.step_per == "epoch" else 0)
   warmup = int(s.warmup_steps) if s.warmup_steps > 0 else int(round(s.warmup_epochs * steps_per_epoch))
-  warmup = min(warmup, max(total_updates - 1, 0))
+  warmup = min(warmup, max(cosine_updates - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=float(s.warmup_init_lr) if warmup else peak, peak_value=peak, warmup_steps=warmup,
-      decay_steps=max(total_updates, warmup + 1), end_value=float(s.min_lr))
+      decay_steps=max(cosine_updates, warmup + 1), end_value=float(s.min_lr))
 
 
 def per_epoch_cosine(peak: float, *, warmup_init_lr: float, warmup_epochs: float, epochs: float, min_lr: float,
-                     steps_per_epoch: int) -> optax.Schedule:
-  """timm's cosine stepped after each epoch, as the official main.py runs it: update u trains at v(t),
-  t = max(u // steps_per_epoch - 1, 0) (module docstring)."""
+                     steps_per_epoch: int, lag: int = 1) -> optax.Schedule:
+  """timm's cosine stepped after each epoch: update u trains at v(t), t = max(u // steps_per_epoch - lag, 0);
+  lag 1 as DeiT's main.py steps it, 0 as timm's train.py does (module docstring)."""
   slope = (peak - warmup_init_lr) / warmup_epochs if warmup_epochs > 0 else 0.0
 
   def lr(count):
-    t = jnp.maximum(jnp.asarray(count) // steps_per_epoch - 1, 0).astype(jnp.float32)
+    t = jnp.maximum(jnp.asarray(count) // steps_per_epoch - lag, 0).astype(jnp.float32)
     # (1 + cos x) / 2 = cos(x / 2)^2: the same value, without float32 cancellation near the end of the cycle.
     cosine = min_lr + (peak - min_lr) * jnp.square(jnp.cos((jnp.pi / 2) * (t / epochs)))
     value = jnp.where(t < epochs, cosine, min_lr)
@@ -120,6 +129,8 @@ def make_optimizer(config, params, total_updates: int, steps_per_epoch: int):
               optax.masked(blockwise(optax.scale_by_trust_ratio()), mask),
               optax.scale_by_learning_rate(lr)]
   tx = optax.chain(*parts)
+  # Layer-wise lr decay and freezing (train.transfer); off by default, so tx is then unchanged.
+  tx = transfer.wrap(tx, params, layer_decay=float(o.layer_decay), freeze=str(o.freeze))
   if int(o.grad_accum_steps) > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=int(o.grad_accum_steps))
   return tx, lr
