@@ -32,6 +32,7 @@ from vit_jax_fix.train import optim
 from vit_jax_fix.train import sharding as shard_lib
 from vit_jax_fix.train import state as state_lib
 from vit_jax_fix.train import steps as steps_lib
+from vit_jax_fix.train import transfer
 
 
 NonFiniteLossError = monitor_lib.NonFiniteLossError
@@ -140,7 +141,9 @@ class Setup:
         loss=config.loss, mix_kwargs=data_lib.mixup_kwargs(config.data, self.num_classes),
         ema_decay=float(config.ema.decay), lr_schedule=self.lr, train_mode=bool(config.train_mode),
         grad_accum_steps=self.accum, skip_nonfinite=config.nonfinite_policy == "skip",
-        nan_at_step=int(config.debug_nan_at_step), mix_mesh=self.mesh if config.data.mixup_per_device else None)
+        nan_at_step=int(config.debug_nan_at_step), mix_mesh=self.mesh if config.data.mixup_per_device else None,
+        frozen=transfer.frozen_map(self.model_def.abstract_params(), config.optimizer.freeze)
+        if config.optimizer.freeze else None)
     self.keep_rate = _keep_rate_schedule(config, self.model_def, self.steps_per_epoch)
     # keep rate (None: as configured) -> its jitted train step
     self.train_programs = keep_rate_lib.CompiledByKeepRate(

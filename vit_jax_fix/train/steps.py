@@ -14,6 +14,7 @@ from vit_jax_fix.data import mixup_cutmix
 from vit_jax_fix.train import losses
 from vit_jax_fix.train import optim
 from vit_jax_fix.train import sharding as shard_lib
+from vit_jax_fix.train import transfer
 
 
 def make_mixer(mix_kwargs: dict, mesh=None):
@@ -35,11 +36,13 @@ def make_mixer(mix_kwargs: dict, mesh=None):
 
 def make_train_step(model_def, tx, *, loss: str, mix_kwargs: dict, ema_decay: float, lr_schedule,
                     train_mode: bool = True, grad_accum_steps: int = 1, skip_nonfinite: bool = False,
-                    nan_at_step: int = -1, mix_mesh=None):
+                    nan_at_step: int = -1, mix_mesh=None, frozen: dict | None = None):
   """mix_mesh: mix per device (shard_map over the batch axes of that mesh); None mixes the global batch as one.
   skip_nonfinite: a step whose loss or gradient norm is NaN/inf leaves params, statistics, optimizer and
   EMA unchanged (step and data position still advance) and increments state['nonfinite_skips'].
-  nan_at_step > 0 makes the loss of that (1-based) step NaN: fault injection for tests."""
+  nan_at_step > 0 makes the loss of that (1-based) step NaN: fault injection for tests.
+  frozen: `train.transfer.frozen_map` of config.optimizer.freeze: those parameters and their EMA keep their
+  values bit for bit."""
   loss_of = losses.loss_fn(loss)
 
   mix = make_mixer(mix_kwargs, mix_mesh)
@@ -59,11 +62,12 @@ def make_train_step(model_def, tx, *, loss: str, mix_kwargs: dict, ema_decay: fl
 
     (loss_value, new_stats), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    params = transfer.keep_frozen(frozen, optax.apply_updates(state["params"], updates), state["params"])
     did_update = optim.updated(tx, opt_state)
     ema = state["ema"]
     if ema is not None:
-      new_ema = {"params": optim.ema_update(ema["params"], params, ema_decay),
+      new_ema = {"params": transfer.keep_frozen(frozen, optim.ema_update(ema["params"], params, ema_decay),
+                                                ema["params"]),
                  "batch_stats": optim.ema_update(ema["batch_stats"], new_stats, ema_decay)}
       ema = jax.tree.map(lambda n, o: jnp.where(did_update, n, o), new_ema, ema)
     update_count = (state["step"] + 1) // grad_accum_steps
