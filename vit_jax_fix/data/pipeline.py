@@ -11,6 +11,9 @@ data_dir             None                          tfds data dir (None: tfds def
                                                    cache for demo/folder); for 'from_data_dir' the prepared
                                                    <name>/<config>/<version> directory
 folder               None                          image-folder root: root/<class>/<img> or root/<split>/<class>/<img>
+file_format          None                          format the folder and demo sources are prepared in: 'tfrecord'
+                                                   (None) or 'array_record' (random access: resume without reading
+                                                   the epoch so far). tfds names come as `tfds build` prepared them
 train_split          'train'                       tfds split string, slices allowed ('train[:99%]')
 eval_split           None                          None: 'validation' if present, else 'test' (demo: 'test')
 image_key, label_key 'image', 'label'              feature names in the tfds dataset
@@ -58,22 +61,32 @@ already shuffled when prepared). Epoch ``e`` is a pure function of (seed, host, 
 a stateless permutation picks ceil(n / r) examples, the epoch's shuffle buffer is seeded with (seed, host, e),
 each kept example is repeated r times, and the epoch is cut to exactly ``r * ceil(n / r)`` elements.
 Every element then carries its global stream position ``p``; its augmentation uses stateless random ops seeded
-with (seed ^ host, p). Resuming at step s skips ``s * local_batch`` encoded elements (before the expensive
-decode/augment) so the batches are bit-identical to those of an uninterrupted run. Skipping reads, but does not
-decode, at most one epoch of records.
+with (seed ^ host, p).
+
+Resuming at step s starts at position ``s * local_batch``, and the batches are bit-identical to those of an
+uninterrupted run. The order of an epoch depends on the examples' indices only (the permutation, the seeded
+shuffle buffer and the repeats never look at a record), so with random access (a dataset prepared as
+``array_record``, see :mod:`vit_jax_fix.data.sources`) the epoch's index order is computed on indices alone
+(``_epoch_orders``: a buffer shuffle of n integers, a few microseconds per example, whatever the position) and only
+the records from the resume position on are read. A ``tfrecord`` dataset is read in file order: its records
+flow through the same permutation, shuffle buffer and repeats, and resuming skips the encoded elements before
+the position (reading, not decoding, at most one epoch of records; the log says so). Both readers give the same
+batches.
 
 Repeated augmentation across hosts (``repeated_aug`` r > 1, ``repeated_aug_scope='global'``, P > 1 processes)
 follows DeiT's RASampler: a permutation of the whole split seeded with (seed, e) only, so the same on every host,
 lists the images; each is repeated r times consecutively, and host h owns positions h, h + P, h + 2P, ... of
 that stream, cut to DeiT's ``floor(n // 256 * 256 / P)`` per host (``floor(n / P)`` for splits under 256
-images). The copies of an image thus land on min(r, P) different hosts, each with its own augmentation. Every
-host reads the whole split (in file order) and keeps, before decoding, the images that own one of its
-positions, with their copy counts; a shuffle buffer seeded with (seed, host, e) orders them, and each is
-repeated its count times. Reading the whole split on every host is the price of this sampling (its records
-are read, not decoded); ``repeated_aug_scope='host'`` reads only the host's part.
+images). The copies of an image thus land on min(r, P) different hosts, each with its own augmentation. Each
+host keeps the images that own one of its positions, with their copy counts; a shuffle buffer seeded with
+(seed, host, e) orders them, and each is repeated its count times. With random access a host reads only the
+records it keeps (at most its epoch length, about n / P, never the rest of the split); from
+tfrecord files every host reads the whole split in file order and drops the others before decoding.
+``repeated_aug_scope='host'`` reads only the host's part.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterator
 
@@ -93,6 +106,9 @@ AUGMENTS = ("deit", "3aug", "none")
 INTERPOLATIONS = ("bicubic", "bilinear", "random", "nearest", "area", "lanczos3")
 REPEAT_SCOPES = ("global", "host")
 RASAMPLER_MULTIPLE = 256  # DeiT's RASampler keeps floor(n // 256 * 256 / world) indices per rank and epoch
+READ_CHUNK = 64  # records per random-access read: large enough for the reader's parallelism, small for latency
+
+log = logging.getLogger(__name__)
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -101,6 +117,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.dataset = "demo"
   c.data_dir = ml_collections.config_dict.placeholder(str)
   c.folder = ml_collections.config_dict.placeholder(str)
+  c.file_format = ml_collections.config_dict.placeholder(str)
   c.train_split = "train"
   c.eval_split = ml_collections.config_dict.placeholder(str)
   c.image_key = "image"
@@ -159,6 +176,8 @@ def _resolve(data_cfg, model_defaults=None) -> ml_collections.ConfigDict:
     raise ConfigError(f"data.crop_pct={cfg.crop_pct} must be in (0, 1].")
   if int(cfg.repeated_aug) < 1:
     raise ConfigError(f"data.repeated_aug={cfg.repeated_aug} must be >= 1 (1 = off).")
+  if cfg.file_format is not None and cfg.file_format not in sources.FILE_FORMATS:
+    raise ConfigError(f"data.file_format={cfg.file_format!r}: use one of {sources.FILE_FORMATS} (or None).")
   if cfg.repeated_aug_scope not in REPEAT_SCOPES:
     raise ConfigError(f"data.repeated_aug_scope={cfg.repeated_aug_scope!r}: use one of {REPEAT_SCOPES}.")
   if cfg.rand_augment:
@@ -179,11 +198,34 @@ def _process(process_index, process_count):
 
 def _read(builder, split, cfg):
   """Encoded (image bytes, label) pairs of one split, in a fixed order; decoding is left to the pipeline."""
+  sources.check_readable(builder)
+  if sources.random_access(builder) and "tfrecord" not in {f.value for f in builder.info.available_file_formats()}:
+    # array_record only: as_dataset cannot read it, so read every index in order.
+    reader = sources.RecordReader(builder, split, cfg.image_key)
+    n = len(reader)
+    chunks = tf.data.Dataset.range(0, n, READ_CHUNK).map(lambda a: tf.range(a, tf.minimum(a + READ_CHUNK, n)))
+    return _read_indices(chunks, reader, cfg)
   read_config = tfds.ReadConfig(try_autocache=False, shuffle_seed=None)
   ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
                           decoders={cfg.image_key: tfds.decode.SkipDecoding()})
   ds = ds.map(lambda ex: (ex[cfg.image_key], tf.cast(ex[cfg.label_key], tf.int32)))
   return ds.cache() if cfg.cache else ds
+
+
+def _read_indices(chunks, reader, cfg):
+  """Dataset of index chunks [k], or of (indices [k], *other [k]) -> (*other, encoded image, label) per record,
+  read by random access in the chunks' order."""
+
+  def read(indices, *rest):
+    serialized = tf.numpy_function(reader.read, [indices], tf.string, stateful=False)
+    serialized.set_shape(indices.shape)
+    return (*rest, serialized)
+
+  def parse(*args):
+    ex = reader.parse(args[-1])
+    return (*args[:-1], ex[cfg.image_key], tf.cast(ex[cfg.label_key], tf.int32))
+  ds = chunks.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.unbatch().map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _options():
@@ -319,6 +361,56 @@ def _global_epoch_stream(base, n: int, cfg, host_seed: int, shared_seed: int, pr
   return one_epoch, length
 
 
+def _epoch_orders(n: int, cfg, host_seed: int, shared=None):
+  """epoch (int64 scalar tensor) -> dataset of one element, the epoch's [length] example indices in stream order.
+
+  The streams above on indices instead of records (what they do never depends on a record): the same
+  stateless permutation and copy counts, the same seeded shuffle buffer (its order depends on the element count
+  and seed only), each kept index repeated its count. `shared` = (shared_seed, process_index, process_count)
+  selects _global_epoch_stream's RASampler assignment (indices into the whole split), None _epoch_stream's
+  (indices into the host's part).
+  """
+  r = int(cfg.repeated_aug)
+  buffer = max(1, min(int(cfg.shuffle_buffer), n))
+  if shared is None:
+    length = epoch_length(n, r)
+  else:
+    shared_seed, pi, pc = shared
+    length = epoch_length(n, r, process_count=pc, scope="global")
+
+  def orders(epoch):
+    epoch_seed = tf.stack([tf.constant(host_seed, tf.int64), epoch])
+    idx = tf.range(n, dtype=tf.int64)
+    if shared is None:
+      copies = tf.fill([n], tf.constant(r, tf.int64))
+      if r > 1:
+        rank = tf.random.experimental.stateless_shuffle(idx, epoch_seed)
+        copies = tf.where(rank < math.ceil(n / r), copies, tf.zeros_like(copies))
+    else:
+      ranks = tf.random.experimental.stateless_shuffle(idx, tf.stack([tf.constant(shared_seed, tf.int64), epoch]))
+      copies = rasampler_counts(ranks, r, pc, pi, length)
+    kept = tf.boolean_mask(idx, copies > 0)
+    shuffle_seed = tf.random.experimental.stateless_split(epoch_seed, 1)[0, 0]
+    ds = tf.data.Dataset.from_tensor_slices(kept).shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+    return ds.batch(n).map(lambda order: tf.repeat(order, tf.gather(copies, order))[:length])
+  return orders, length
+
+
+def _index_chunks(orders, length: int, first_epoch: int, offset: int):
+  """Dataset of (indices [<=READ_CHUNK], stream positions [same]) from position first_epoch * length + offset on."""
+
+  def epoch_chunks(epoch):
+    start = tf.where(epoch == first_epoch, tf.constant(offset, tf.int64), tf.constant(0, tf.int64))
+
+    def chunks(order):
+      def chunk(a):
+        b = tf.minimum(a + READ_CHUNK, length)
+        return order[a:b], epoch * length + tf.range(a, b)
+      return tf.data.Dataset.range(start, length, READ_CHUNK).map(chunk)
+    return orders(epoch).flat_map(chunks)
+  return tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_chunks)
+
+
 def _setup(data_cfg, model_defaults, global_batch_size, process_index, process_count):
   """Resolved config, this process's index and count, the per-process batch and the tfds builder."""
   cfg = _resolve(data_cfg, model_defaults)
@@ -338,24 +430,42 @@ def build_train_iterator(data_cfg, *, global_batch_size: int, seed: int, start_s
                                              process_count)
   split = sources.resolve_split(builder, cfg.train_split, purpose="train")
   host_seed = _host_seed(seed, pi)
+  sources.check_readable(builder)
+  indexed = sources.random_access(builder)
   if global_repeats(cfg.repeated_aug, pc, cfg.repeated_aug_scope):
+    read_split = split
     n = builder.info.splits[split].num_examples
     if epoch_length(n, cfg.repeated_aug, process_count=pc, scope="global") == 0:
       raise sources.DataSourceError(f"Split {split!r} has {n} examples: fewer than the {pc} processes.")
-    base = _read(builder, split, cfg).take(n)
-    one_epoch, length = _global_epoch_stream(base, n, cfg, host_seed, _host_seed(seed, SHARED_STREAM), pi, pc)
+    shared = (_host_seed(seed, SHARED_STREAM), pi, pc)
   else:
-    host_split = tfds.even_splits(split, n=pc)[pi]
-    n = builder.info.splits[host_split].num_examples
+    read_split = tfds.even_splits(split, n=pc)[pi]
+    n = builder.info.splits[read_split].num_examples
     if n == 0:
       raise sources.DataSourceError(f"Host {pi} of {pc} gets no training examples from split {split!r}.")
-    base = _read(builder, host_split, cfg).take(n)
-    one_epoch, length = _epoch_stream(base, n, cfg, host_seed)
+    shared = None
+  if indexed:
+    orders, length = _epoch_orders(n, cfg, host_seed, shared)
+  elif shared is None:
+    one_epoch, length = _epoch_stream(_read(builder, read_split, cfg).take(n), n, cfg, host_seed)
+  else:
+    one_epoch, length = _global_epoch_stream(_read(builder, read_split, cfg).take(n), n, cfg, host_seed, *shared)
   start = int(start_step) * local_batch
   first_epoch, offset = divmod(start, length)
 
-  ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(one_epoch)
-  ds = ds.skip(offset)  # before decoding: skipping costs reads, not decodes
+  if indexed:
+    # Random access: compute the epoch's order on indices, read only the records from the position on.
+    log.info("train data %s %r: random access (array_record), starting at position %d of epoch %d "
+             "(no earlier record read)", builder.name, split, offset, first_epoch)
+    reader = sources.RecordReader(builder, read_split, cfg.image_key)
+    ds = _read_indices(_index_chunks(orders, length, first_epoch, offset), reader, cfg)
+  else:
+    if offset:
+      log.warning("train data %s %r is stored as tfrecord (read in file order): resuming reads through %d "
+                  "records of epoch %d before its first batch; a dataset prepared as array_record starts there "
+                  "directly (docs/training.md)", builder.name, split, offset, first_epoch)
+    ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(one_epoch)
+    ds = ds.skip(offset)  # before decoding: skipping costs reads, not decodes
   transform = _train_transform(cfg, int(cfg.image_size))
 
   def with_seed(pos, encoded, label):

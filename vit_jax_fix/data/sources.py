@@ -9,6 +9,12 @@
   :class:`ImageFolderBuilder`, which re-encodes odd modes (CMYK, 16-bit, palette, RGBA, BMP/GIF/TIFF/WebP) to
   8-bit RGB/gray and skips unreadable files with a count, so a corrupt JPEG cannot crash a run hours in.
 * ``dataset='demo'``: the embedded MNIST-5k (see :mod:`vit_jax_fix.data.demo`), prepared on first use.
+
+Random access. A dataset prepared as ``array_record`` (``tfds build --file_format=array_record``, or
+``data.file_format='array_record'`` for the folder and demo sources) is read by index (:class:`RecordReader`):
+the train iterator then resumes at any position without reading the records before it. A ``tfrecord`` dataset is
+read in file order only (tfds' ``as_dataset``); ``array_record`` files cannot be read that way, so a dataset held
+only as ``array_record`` needs the ``array_record`` package (tfds installs it on Linux).
 """
 from __future__ import annotations
 
@@ -152,12 +158,14 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Image folder re-encoded to 8-bit RGB/gray; unreadable files skipped."}
 
-  def __init__(self, *, root: str, data_dir: str | None = None):
+  def __init__(self, *, root: str, data_dir: str | None = None, file_format: str = "tfrecord"):
     self._files, self._classes = _list_folder(root)
     name = re.sub(r"[^a-z0-9_]", "_", os.path.basename(os.path.abspath(root)).lower())[:40] or "root"
-    config = ImageFolderConfig(name=f"{name}_{_folder_fingerprint(root, self._files)}", root=root,
+    # array_record gets its own config name: a folder prepared in both formats keeps both.
+    suffix = "_ar" if file_format == "array_record" else ""
+    config = ImageFolderConfig(name=f"{name}_{_folder_fingerprint(root, self._files)}{suffix}", root=root,
                                version=self.VERSION)
-    super().__init__(config=config, data_dir=data_dir or default_data_dir())
+    super().__init__(config=config, data_dir=data_dir or default_data_dir(), file_format=file_format)
     self.num_skipped = {}
 
   def _info(self):
@@ -201,6 +209,74 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder):
 # ------------------------------------------------------------------------------------------------- builders
 
 
+FILE_FORMATS = ("tfrecord", "array_record")
+
+
+def has_array_record() -> bool:
+  """Whether the ``array_record`` package (random-access reading) is importable."""
+  try:
+    from array_record.python import array_record_data_source  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def prepare_file_format(file_format: str | None) -> str:
+  """The file format to prepare the folder/demo sources in: `file_format` (None: 'tfrecord'), with
+  'array_record' falling back to 'tfrecord' (and a warning) when the array_record package is missing."""
+  fmt = file_format or "tfrecord"
+  if fmt not in FILE_FORMATS:
+    raise errors.ConfigError(f"data.file_format={file_format!r}: use one of {FILE_FORMATS}.")
+  if fmt == "array_record" and not has_array_record():
+    log.warning("data.file_format='array_record' but the array_record package is not installed "
+                "(pip install array_record): preparing as tfrecord, read in file order.")
+    return "tfrecord"
+  return fmt
+
+
+def random_access(builder) -> bool:
+  """Whether `builder`'s records can be read by index: prepared as array_record and the package importable."""
+  formats = {f.value for f in builder.info.available_file_formats()} or {str(builder.info.file_format)}
+  return "array_record" in formats and has_array_record()
+
+
+def check_readable(builder) -> None:
+  """Raises DataSourceError when the records can be read neither in file order nor by index."""
+  formats = {f.value for f in builder.info.available_file_formats()}
+  if formats == {"array_record"} and not has_array_record():
+    raise DataSourceError(
+        f"Dataset {builder.name!r} in {builder.data_dir!r} is stored as array_record only, which needs the "
+        "array_record package to be read: pip install array_record (or prepare it as tfrecord).")
+
+
+class RecordReader:
+  """The serialized examples of a split by index (array_record), parsed as tfds' `as_dataset` parses them.
+
+  ``read(indices)`` returns the serialized records (int64 indices into the split, slices and ``even_splits``
+  parts allowed); ``parse(serialized)`` is the graph function giving the feature dict with the image left
+  encoded. Index i is the i-th example of the split in file order, the order `as_dataset(shuffle_files=False)`
+  reads, so both readers see the same sequence.
+  """
+
+  def __init__(self, builder, split: str, image_key: str):
+    from tensorflow_datasets.core import example_parser
+    self.split = split
+    self._source = builder.as_data_source(split=split, file_format="array_record").data_source
+    self._features = builder.info.features
+    self._parser = example_parser.ExampleParser(self._features.get_serialized_info())
+    self._decoders = {image_key: tfds.decode.SkipDecoding()}
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def read(self, indices) -> np.ndarray:
+    keys = [int(i) for i in np.asarray(indices).reshape(-1)]
+    return np.array(self._source.__getitems__(keys) if keys else [], dtype=object)
+
+  def parse(self, serialized):
+    return self._features.decode_example(self._parser.parse_example(serialized), decoders=self._decoders)
+
+
 def _prepare_locally(builder):
   """Prepares a builder whose data comes from local files only (demo, folder); never downloads."""
   if not builder.is_prepared():
@@ -233,11 +309,16 @@ def get_builder(cfg):
     raise DataSourceError("data.dataset is empty: use a tfds name (e.g. 'imagenet2012'), 'demo', 'folder' or "
                           "'from_data_dir'.")
   if name == "demo":
-    return _prepare_locally(demo_lib.DemoMnist5k(data_dir=cfg.data_dir or default_data_dir()))
+    fmt = prepare_file_format(cfg.get("file_format"))
+    data_dir = cfg.data_dir or default_data_dir()
+    if fmt == "array_record":  # beside the tfrecord copy, not over it (one prepared dir per format)
+      data_dir = os.path.join(data_dir, "array_record")
+    return _prepare_locally(demo_lib.DemoMnist5k(data_dir=data_dir, file_format=fmt))
   if name == "folder":
     if not cfg.get("folder"):
       raise DataSourceError("data.dataset='folder' needs data.folder, the image-folder root (root/<class>/<img>).")
-    return _prepare_locally(ImageFolderBuilder(root=cfg.folder, data_dir=cfg.data_dir))
+    return _prepare_locally(ImageFolderBuilder(root=cfg.folder, data_dir=cfg.data_dir,
+                                               file_format=prepare_file_format(cfg.get("file_format"))))
   if name == "from_data_dir":
     if not cfg.data_dir or not os.path.isfile(os.path.join(cfg.data_dir, "dataset_info.json")):
       raise DataSourceError(
