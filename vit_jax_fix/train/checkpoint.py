@@ -47,7 +47,7 @@ def manager(workdir: str, *, max_to_keep: int | None = 2, save_interval_steps: i
   opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=max(1, save_interval_steps),
                                       enable_async_checkpointing=not read_only, read_only=read_only,
                                       create=not read_only, cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=opts, item_names=ITEMS)
+  return _Manager(checkpoint_dir(workdir), options=opts, item_names=ITEMS)
 
 
 def save(mngr, step: int, state, meta: dict, *, force: bool = False) -> bool:
@@ -174,15 +174,37 @@ def save_model(model, out_dir: str, *, name: str, overrides: dict | None = None,
   return os.path.join(checkpoint_dir(out_dir), str(step))
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager without its own preemption poll: `save` would call jax's `reached_preemption_sync_point`
+  with the step number, while `PreemptionFlag` polls it with its own counter; one poller keeps the protocol's
+  counters meaningful."""
+
+  def reached_preemption(self, step: int) -> bool:
+    return False
+
+
 class PreemptionFlag:
-  """Turns SIGTERM into a flag the loop polls: it then saves a checkpoint and exits cleanly."""
+  """A preemption notice (SIGTERM) turned into one step at which every process saves and exits.
+
+  The loop calls `reached()` once after every step, on every process, and saves and stops when it is True.
+  * One process: SIGTERM sets a flag; `reached()` reads it.
+  * Several processes (jax.distributed): a flag per host would let hosts stop at different steps, and the
+    save, a collective, would wait for hosts still stepping. jax.distributed.initialize installs jax's
+    preemption sync manager, which catches SIGTERM itself: the coordination service tells every host, each
+    reports its count of `reached()` calls, and the sync point is the largest count + 1, which every host
+    reaches since they step in lockstep. `reached()` is then a local check (~5 us); the agreement runs in
+    jax's background threads. The count starts at 0 on every host when the process starts (all hosts resume
+    from the same checkpoint), so a notice during set-up, before the first step, stops at the first one.
+  """
 
   def __init__(self):
     self.flag = threading.Event()
     self._old = None
+    self._calls = 0
+    self._agreed = jax.process_count() > 1 and _preemption_sync_available()
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if not self._agreed and threading.current_thread() is threading.main_thread():
       self._old = signal.signal(signal.SIGTERM, lambda *_: self.flag.set())
     return self
 
@@ -190,8 +212,30 @@ class PreemptionFlag:
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
 
+  def reached(self) -> bool:
+    """True at the step to save and stop at (the same step on every process); call once per step."""
+    if not self._agreed:
+      return self.flag.is_set()
+    from jax.experimental import multihost_utils
+    self._calls += 1
+    if multihost_utils.reached_preemption_sync_point(self._calls):
+      self.flag.set()
+    return self.flag.is_set()
+
   def __bool__(self):
     return self.flag.is_set()
+
+
+def _preemption_sync_available() -> bool:
+  """jax's preemption sync manager runs (jax.distributed initialised with jax_enable_preemption_service)."""
+  from jax.experimental import multihost_utils
+  try:
+    multihost_utils.reached_preemption_sync_point(0)   # the count every host starts from: changes nothing
+  except RuntimeError:
+    log.warning("jax's preemption service is off (jax_enable_preemption_service): each process reacts to "
+                "SIGTERM alone, and processes may stop at different steps")
+    return False
+  return True
 
 
 def _atomic_write(path: str, text: str) -> None:

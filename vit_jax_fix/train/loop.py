@@ -346,7 +346,7 @@ def _train(setup, state, step: int, workdir: str, latest, mngr, writer, preempte
       step += 1
       monitor.record(metrics, step)
       _debug_faults(c, step)
-      due = _Due.at(setup, step, preempted)
+      due = _Due.at(setup, step, preempted.reached())   # every process: the same step (PreemptionFlag)
       if due.save or due.evaluate or due.log:
         monitor.settle()                   # never evaluate or save a state from a non-finite step
       if due.log:

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from vit_jax_fix import errors
 from vit_jax_fix.models import layout
 
 AXES = ("data", "fsdp")
@@ -102,15 +103,26 @@ def global_batch(batch: dict, mesh) -> dict:
 
 def maybe_initialize_distributed() -> bool:
   """`jax.distributed.initialize` when the environment asks for it (JAX_COORDINATOR_ADDRESS with
-  JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a cluster jax detects itself: SLURM, Open MPI, TPU pods)."""
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a cluster jax detects itself: SLURM, Open MPI, TPU pods).
+
+  VIT_JAX_FIX_HEARTBEAT_TIMEOUT (seconds, jax's default 100; set the same on every host): a process that
+  stops sending heartbeats for that long (killed, its host lost) is declared dead, and every other process
+  ends with jax's "another task died" error instead of waiting in a collective forever."""
   import os
+  kw = {}
+  if os.environ.get("VIT_JAX_FIX_HEARTBEAT_TIMEOUT"):
+    try:
+      kw["heartbeat_timeout_seconds"] = int(os.environ["VIT_JAX_FIX_HEARTBEAT_TIMEOUT"])
+    except ValueError:
+      raise errors.UsageError(f"VIT_JAX_FIX_HEARTBEAT_TIMEOUT={os.environ['VIT_JAX_FIX_HEARTBEAT_TIMEOUT']!r}: "
+                              "give a whole number of seconds (e.g. 100)") from None
   addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
   if addr:
     jax.distributed.initialize(coordinator_address=addr, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+                               process_id=int(os.environ["JAX_PROCESS_ID"]), **kw)
     return True
   if any(k in os.environ for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")) and \
       int(os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))) > 1:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**kw)
     return True
   return False
