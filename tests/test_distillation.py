@@ -80,3 +80,76 @@ def test_distilled_timm_parity_both_modes():
   tmodel.eval()
   with torch.no_grad():
     np.testing.assert_allclose(testing.logits(back, x), tmodel(xt).numpy(), atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ the loss and the step
+
+def _torch_distillation_loss(z_cls, z_dist, z_teacher, targets, kind, alpha, tau):
+  """DeiT's losses.DistillationLoss as the reference states it, with torch's own functions: the base is timm's
+  SoftTargetCrossEntropy on the mixed targets."""
+  F = torch.nn.functional
+  z_cls, z_dist, z_teacher, targets = (torch.from_numpy(np.asarray(a, np.float64))
+                                        for a in (z_cls, z_dist, z_teacher, targets))
+  base = torch.sum(-targets * F.log_softmax(z_cls, dim=-1), dim=-1).mean()
+  if kind == "soft":
+    d = F.kl_div(F.log_softmax(z_dist / tau, dim=1), F.log_softmax(z_teacher / tau, dim=1), reduction="sum",
+                 log_target=True) * (tau * tau) / z_dist.numel()
+  else:
+    d = F.cross_entropy(z_dist, z_teacher.argmax(dim=1))
+  return float(base * (1 - alpha) + d * alpha)
+
+
+@pytest.mark.parametrize("kind,alpha,tau,two_heads", [("soft", 0.5, 1.0, True), ("soft", 0.3, 3.0, True),
+                                                      ("hard", 0.5, 1.0, True), ("hard", 0.7, 1.0, False)])
+def test_loss_equals_deit_distillation_loss(kind, alpha, tau, two_heads):
+  from vit_jax_fix.train import distill, losses
+  rng = np.random.default_rng(0)
+  z_cls, z_dist, z_t = (3 * rng.normal(size=(6, 10)).astype(np.float32) for _ in range(3))
+  if not two_heads:      # a one-head student (CaiT) is distilled through its class token
+    z_dist = z_cls
+  targets = rng.dirichlet(np.ones(10), size=6).astype(np.float32)
+  loss = distill.make_loss(losses.loss_fn("softmax_ce"), kind, alpha, tau)
+  got = float(loss((z_cls, z_dist) if two_heads else z_cls, targets, z_t))
+  ref = _torch_distillation_loss(z_cls, z_dist, z_t, targets, kind, alpha, tau)
+  np.testing.assert_allclose(got, ref, rtol=2e-6)
+  # 'none' is the base loss on the class head alone, as DeiT with --distillation-type none.
+  none = distill.make_loss(losses.loss_fn("softmax_ce"), "none")
+  np.testing.assert_allclose(float(none((z_cls, z_dist), targets)),
+                             _torch_distillation_loss(z_cls, z_dist, z_t, targets, "hard", 0.0, 1.0), rtol=2e-6)
+
+
+def test_train_step_runs_the_teacher_on_the_mixed_images():
+  """The step's loss is DeiT's with the teacher's logits on the mixed batch (not on the clean one), and the
+  teacher gets no update."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from vit_jax_fix.data import mixup_cutmix
+  from vit_jax_fix.train import distill, losses, state as state_lib, steps
+  tiny = dict(TINY, embed_dim=32, num_heads=2, depth=1)
+  student = state_lib.ModelDef.create("deit_tiny_distilled_patch16_224", **tiny)
+  teacher = state_lib.ModelDef.create("deit_tiny_patch16_224", **tiny)
+  t_params, t_stats = teacher.init(7)
+  noise = np.random.default_rng(1)      # weights far from init: the teacher's logits depend on the image
+  t_params = jax.tree.map(lambda x: x + 0.3 * noise.normal(size=x.shape).astype(np.float32), t_params)
+  t_weights = {"params": t_params, "batch_stats": t_stats}
+  teacher_logits = lambda w, images: teacher.merge(w["params"], w["batch_stats"], train=False)(images)
+  mix_kwargs = dict(num_classes=10, mixup_alpha=0.8, cutmix_alpha=0.0, prob=1.0, label_smoothing=0.1)
+  tx = optax.sgd(0.0)
+  state = state_lib.init_train_state(student, tx, 0, ema=False)
+  step = steps.make_train_step(student, tx, loss="softmax_ce", mix_kwargs=mix_kwargs, ema_decay=0.0,
+                               lr_schedule=lambda n: 0.0, train_mode=False,
+                               distill=("soft", 0.5, 2.0, teacher_logits))
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
+           "label": jnp.asarray([0, 1, 2, 3], jnp.int32)}
+  _, metrics = jax.jit(step)(dict(state), batch, t_weights)
+  # The same mixing as the step: the run's key folded with the step number, split into (mix, dropout).
+  k_mix, _ = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"]))
+  images, targets = mixup_cutmix(k_mix, batch["image"], batch["label"], **mix_kwargs)
+  outputs = student.merge(state["params"], state["batch_stats"], train=True)(images)
+  loss = distill.make_loss(losses.loss_fn("softmax_ce"), "soft", 0.5, 2.0)
+  on_mixed = float(loss(outputs, targets, teacher_logits(t_weights, images)))
+  on_clean = float(loss(outputs, targets, teacher_logits(t_weights, batch["image"])))
+  np.testing.assert_allclose(float(metrics["train/loss"]), on_mixed, rtol=1e-5)
+  assert abs(on_mixed - on_clean) > 20 * 1e-5 * on_mixed, "mixing must change the teacher targets"

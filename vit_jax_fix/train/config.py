@@ -45,6 +45,9 @@ keep_rate_schedule.*                    EViT keep-rate warm-up: 1 for start_epoc
 diagnostics.*                           collapse measures every N steps on fixed eval batches, logged to
                                         metrics.jsonl / TensorBoard as collapse/<measure>/block_<i>, JSON and
                                         plots per step in <workdir>/diagnostics/
+distillation.*                          DeiT distillation: type 'none' | 'soft' | 'hard', alpha, tau, the teacher
+                                        (a registered name + overrides; weights: the zoo's file, a file or workdir,
+                                        or 'random'); the loss and the teacher step in ``train.distill``
 init_from.*                             fine-tune from a checkpoint/workdir or PyTorch weights
 evals                                   what ``python -m vit_jax_fix.evaluate`` evaluates, e.g. ('val', 'real',
                                         'v2'): 'val' the data's eval split, 'real' ImageNet-ReaL labels (tfds
@@ -135,6 +138,14 @@ def base_config() -> ConfigDict:
   c.diagnostics.num_batches = 2             # first N eval-split batches (fixed for the whole run)
   c.diagnostics.batch_size = 32             # images per batch (per process)
   c.diagnostics.threshold = 0.9             # cross-layer attention similarity threshold (#similar blocks)
+  c.distillation = ConfigDict()             # DeiT knowledge distillation (train/distill.py)
+  c.distillation.type = "none"              # 'none' | 'soft' | 'hard'
+  c.distillation.alpha = 0.5                # loss = (1 - alpha) base + alpha distillation
+  c.distillation.tau = 1.0                  # soft: temperature
+  c.distillation.teacher = ""               # registered model name, e.g. 'regnety_160'
+  c.distillation.teacher_overrides = ConfigDict()   # free-form: its constructor overrides
+  c.distillation.teacher_weights = ""       # '' the zoo's released file | file / workdir | 'random' (tests)
+  c.distillation.teacher_layout = "auto"    # torch key layout of a teacher file: 'official' | 'timm' | 'auto'
   c.init_from = ConfigDict()
   c.init_from.path = ""                     # workdir/checkpoint dir, or .pth/.pt/.bin/.safetensors
   c.init_from.pretrained = False            # True: the authors' weights of model.name (registry table, cached)
@@ -156,7 +167,7 @@ def base_config() -> ConfigDict:
   return c
 
 
-FREE_FORM = ("model.overrides",)
+FREE_FORM = ("model.overrides", "distillation.teacher_overrides")
 
 
 def _nearest(key, valid):
@@ -236,6 +247,8 @@ def validate(config) -> None:
     raise ConfigError(f"config.nonfinite_policy={config.nonfinite_policy!r}: use 'stop' or 'skip'.")
   from vit_jax_fix.train import evaluate as eval_lib
   eval_lib.check_evals(config.evals)
+  from vit_jax_fix.train import distill
+  distill.check(config)
 
 
 SCHEDULE_STEP_PER = ("update", "epoch", "epoch_timm")

@@ -22,6 +22,7 @@ from vit_jax_fix import errors
 from vit_jax_fix.models import keep_rate as keep_rate_lib
 from vit_jax_fix.models import registry
 from vit_jax_fix.train import checkpoint as ckpt
+from vit_jax_fix.train import distill as distill_lib
 from vit_jax_fix.train import collapse
 from vit_jax_fix.train import config as config_lib
 from vit_jax_fix.train import evaluate as eval_lib
@@ -137,18 +138,21 @@ class Setup:
                                      self.ema)
     self.abstract_state = jax.eval_shape(self.init_fn)
     self.state_sh = shard_lib.state_shardings(self.abstract_state, self.mesh, config)
+    self.teacher = distill_lib.teacher_of(config, self.num_classes, self.mesh)   # None without distillation
     self._step_kwargs = dict(
         loss=config.loss, mix_kwargs=data_lib.mixup_kwargs(config.data, self.num_classes),
         ema_decay=float(config.ema.decay), lr_schedule=self.lr, train_mode=bool(config.train_mode),
         grad_accum_steps=self.accum, skip_nonfinite=config.nonfinite_policy == "skip",
-        nan_at_step=int(config.debug_nan_at_step), mix_mesh=self.mesh if config.data.mixup_per_device else None,
+        nan_at_step=int(config.debug_nan_at_step), distill=distill_lib.step_args(config, self.teacher),
+        mix_mesh=self.mesh if config.data.mixup_per_device else None,
         frozen=transfer.frozen_map(self.model_def.abstract_params(), config.optimizer.freeze)
         if config.optimizer.freeze else None)
     self.keep_rate = _keep_rate_schedule(config, self.model_def, self.steps_per_epoch)
     # keep rate (None: as configured) -> its jitted train step
     self.train_programs = keep_rate_lib.CompiledByKeepRate(
-        self._build_train_step, jit=functools.partial(steps_lib.jit_train_step, state_sh=self.state_sh,
-                                                      mesh=self.mesh))
+        self._build_train_step, jit=functools.partial(
+            steps_lib.jit_train_step, state_sh=self.state_sh, mesh=self.mesh,
+            teacher_sh=self.teacher.shardings if self.teacher is not None else None))
     self.eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(self.model_def), self.state_sh["params"],
                                              self.state_sh["batch_stats"], self.mesh)
 
@@ -166,7 +170,8 @@ class Setup:
 
   def train_step(self, state, batch, *, keep_rate: float | None = None):
     """One jitted micro-step; one compiled program per distinct keep rate, built on first use."""
-    return self.train_programs.program(keep_rate)(state, batch)
+    teacher = (self.teacher.weights(),) if self.teacher is not None else ()
+    return self.train_programs.program(keep_rate)(state, batch, *teacher)
 
   def init_state(self):
     """Fresh state, created directly in its shardings (never on one device first)."""

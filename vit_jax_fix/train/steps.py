@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from vit_jax_fix.data import mixup_cutmix
+from vit_jax_fix.train import distill as distill_lib
 from vit_jax_fix.train import losses
 from vit_jax_fix.train import optim
 from vit_jax_fix.train import sharding as shard_lib
@@ -36,7 +37,8 @@ def make_mixer(mix_kwargs: dict, mesh=None):
 
 def make_train_step(model_def, tx, *, loss: str, mix_kwargs: dict, ema_decay: float, lr_schedule,
                     train_mode: bool = True, grad_accum_steps: int = 1, skip_nonfinite: bool = False,
-                    nan_at_step: int = -1, mix_mesh=None, frozen: dict | None = None):
+                    nan_at_step: int = -1, mix_mesh=None, frozen: dict | None = None,
+                    distill: tuple | None = None):
   """mix_mesh: mix per device (shard_map over the batch axes of that mesh); None mixes the global batch as one.
   skip_nonfinite: a step whose loss or gradient norm is NaN/inf leaves params, statistics, optimizer and
   EMA unchanged (step and data position still advance) and increments state['nonfinite_skips'].
@@ -44,18 +46,25 @@ def make_train_step(model_def, tx, *, loss: str, mix_kwargs: dict, ema_decay: fl
   frozen: `train.transfer.frozen_map` of config.optimizer.freeze: those parameters and their EMA keep their
   values bit for bit."""
   loss_of = losses.loss_fn(loss)
+  # distill: (type, alpha, tau, teacher_logits(teacher_weights, images)) from `distill.step_args`: DeiT's
+  # distillation loss, the teacher run on the mixed images; the step then takes the teacher's weights as its
+  # third argument.
+  kind, alpha, tau, teacher_logits = distill or ("none", 0.5, 1.0, None)
+  loss_of = distill_lib.make_loss(loss_of, kind, alpha, tau)   # (outputs, targets, teacher logits) -> loss
 
   mix = make_mixer(mix_kwargs, mix_mesh)
 
-  def train_step(state, batch):
+  def train_step(state, batch, teacher=None):
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     k_mix, k_drop = jax.random.split(step_key)
     images, targets = mix(k_mix, batch["image"], batch["label"])
+    z_teacher = teacher_logits(teacher, images) if teacher_logits is not None else None
 
     def objective(params):
-      model = model_def.merge(params, state["batch_stats"], train=train_mode, dropout_key=k_drop)
+      model = distill_lib.training_outputs(
+          model_def.merge(params, state["batch_stats"], train=train_mode, dropout_key=k_drop))
       logits = model(images)
-      value = loss_of(logits, targets)
+      value = loss_of(logits, targets, z_teacher)
       if nan_at_step > 0:
         value = jnp.where(state["step"] + 1 == nan_at_step, jnp.nan, value)
       return value, model_def.stats_of(model)
@@ -98,10 +107,12 @@ def make_eval_step(model_def):
   return eval_step
 
 
-def jit_train_step(fn, state_sh, mesh):
+def jit_train_step(fn, state_sh, mesh, teacher_sh=None):
+  # teacher_sh: the shardings of a distillation teacher's weights, the step's third argument.
   rep = shard_lib.replicated(mesh)
   batch_sh = shard_lib.batch_sharding(mesh)
-  return jax.jit(fn, in_shardings=(state_sh, {"image": batch_sh, "label": batch_sh}),
+  in_sh = (state_sh, {"image": batch_sh, "label": batch_sh}) + ((teacher_sh,) if teacher_sh is not None else ())
+  return jax.jit(fn, in_shardings=in_sh,
                  out_shardings=(state_sh, rep), donate_argnums=(0,))
 
 
