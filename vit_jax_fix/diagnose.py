@@ -14,6 +14,12 @@ frequency content and attention high-pass response, for one or several models/ch
 
 Writes OUT/diagnostics.json ({label: measures}, see vit_jax_fix/diagnostics/collect.py for every key) and
 OUT/measures_vs_depth.png, OUT/attn_similarity.png, OUT/hf_bands.png.
+
+--probe                        also a closed-form linear probe of every block (vit_jax_fix/diagnostics/probe.py):
+                               ridge regression on the frozen class token and mean patch token of the first
+                               --probe-train images of the dataset's train split, scored on --probe-test
+                               images of its eval split (l2 chosen on a held-out 20%); --probe-shots 1,5,10
+                               adds few-shot accuracies. Writes OUT/probe.json and OUT/probe_vs_depth.png.
 """
 from __future__ import annotations
 
@@ -86,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--exclude-cls", action="store_true", help="leave prefix tokens out of feature diversity")
   p.add_argument("--seed", type=int, default=0, help="init seed, and the seed of --data random")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--probe", action="store_true", help="linear-probe accuracy of every block (labelled --data)")
+  p.add_argument("--probe-train", type=int, default=2000, help="train-split images for the probes")
+  p.add_argument("--probe-test", type=int, default=1000, help="eval-split images the probes are scored on")
+  p.add_argument("--probe-shots", default="", help="few-shot probes, e.g. '1,5,10' examples per class")
   return p
 
 
@@ -155,7 +165,36 @@ def main(argv=None) -> dict:
     print(f"{label}: feature_diversity_rel last={fmt(res['feature_diversity_rel'][-1])} "
           f"token_similarity last={fmt(res['token_similarity'][-1])} similar_blocks={res['similar_blocks']}"
           + (f"  notes: {res['notes']}" if res["notes"] else ""), file=sys.stderr)
+  if args.probe:
+    _probe(args, models, out)
   return results
+
+
+def _probe(args, models: dict, out) -> dict:
+  """--probe: linear-probe accuracy per block of every model, OUT/probe.json and OUT/probe_vs_depth.png."""
+  from vit_jax_fix import diagnostics as D
+  try:
+    shots = tuple(int(s) for s in args.probe_shots.split(",") if s.strip())
+  except ValueError:
+    raise errors.ArgumentError(f"--probe-shots={args.probe_shots!r}: give examples per class, e.g. 1,5,10") from None
+  probes = {}
+  for label, (name, model) in models.items():
+    try:
+      probes[label] = D.probe.dataset_probe(model, args.data, model_name=name, batch_size=args.batch_size,
+                                            max_train=args.probe_train, max_test=args.probe_test, shots=shots,
+                                            seed=args.seed)
+    except ValueError as e:
+      raise errors.ArgumentError(f"--probe: {e}") from None
+    probes[label]["model"] = name
+    acc = probes[label]["accuracy"]
+    best = {pool: max(zip(v, probes[label]["depth"][pool])) for pool, v in acc.items()}
+    print(f"{label}: linear probe " + ", ".join(f"{pool} best {a:.4f} at block {d}" for pool, (a, d) in
+                                               best.items())
+          + f", pre-logits {probes[label]['pre_logits']['accuracy']:.4f}", file=sys.stderr)
+  (out / "probe.json").write_text(json.dumps(probes, indent=1))
+  D.plot_probe_vs_depth(probes, out / "probe_vs_depth.png")
+  print(f"wrote {out / 'probe.json'} and probe_vs_depth.png", file=sys.stderr)
+  return probes
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ Python API (the notebooks use this):
     diagnostics.plot_all(results, 'out/')                          # PNGs, one line per model
     diagnostics.log_diagnostics(writer, step, res)                 # TensorBoard scalars (trainer hook)
 
+Linear probes per block (closed-form ridge on frozen features, big_vision's few-shot evaluator):
+
+    res = diagnostics.probe.dataset_probe(model, 'demo', max_train=2000)   # accuracy per depth and pool
+    diagnostics.plot_probe_vs_depth({'model': res}, 'out/probe_vs_depth.png')
+
 Measures and their exact definitions: `measures.py`; aggregation and output keys: `collect.py`; the CLI:
 `python -m vit_jax_fix.diagnose`. A library: it measures models it is given and never imports the trainer
 (the CLI loads trainer checkpoints; the trainer calls `DiagnosticsHook`).
@@ -19,16 +24,17 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping
 
-from vit_jax_fix.diagnostics import measures
+from vit_jax_fix.diagnostics import measures, probe
 from vit_jax_fix.diagnostics.collect import (MEASURE_NAMES, DiagnosticsConfig, collect, dataset_batches,
                                              finalize, measure_fn, model_image_size, random_batches)
 from vit_jax_fix.diagnostics.plots import (plot_all, plot_attention_similarity, plot_hf_bands,
-                                           plot_measures_vs_depth)
+                                           plot_measures_vs_depth, plot_probe_vs_depth)
 
 __all__ = [
     "DiagnosticsConfig", "MEASURE_NAMES", "collect", "dataset_batches", "diagnose", "finalize",
     "log_diagnostics", "make_batches", "measure_fn", "measures", "plot_all",
-    "plot_attention_similarity", "plot_hf_bands", "plot_measures_vs_depth", "random_batches",
+    "plot_attention_similarity", "plot_hf_bands", "plot_measures_vs_depth", "plot_probe_vs_depth", "probe",
+    "random_batches",
     "DiagnosticsHook",
 ]
 

@@ -5,6 +5,9 @@
 model (blank where the maps differ in shape).
 `plot_hf_bands(results, path)`: energy share per 2-D DFT band vs depth, one panel per model.
 `plot_all(results, out_dir, suffix)` writes the three and returns their paths.
+`plot_probe_vs_depth(probes, path)`: linear-probe test accuracy vs depth (`probe.probe_depths` results), one
+colour per model, solid for the class token, dashed for the mean patch token, a dotted line at the pre-logits
+probe and a grey one at chance.
 
 `results` maps a label (model / checkpoint) to the dict `collect` returns.
 """
@@ -118,3 +121,28 @@ def plot_all(results: Mapping[str, dict], out_dir, *, suffix: str = "", title: s
       "attn_similarity": plot_attention_similarity(results, out / f"attn_similarity{suffix}.png", title=title),
       "hf_bands": plot_hf_bands(results, out / f"hf_bands{suffix}.png", title=title),
   }
+
+
+def plot_probe_vs_depth(probes: Mapping[str, dict], path, *, title: str = ""):
+  """Linear-probe accuracy against depth, for {label: `diagnostics.probe.probe_depths(...)` result}."""
+  fig = Figure(figsize=(7, 4.2))
+  ax = fig.subplots()
+  styles = {"cls": ("-", "o", "class token"), "gap": ("--", ".", "mean patch token")}
+  for i, (name, res) in enumerate(probes.items()):
+    color = f"C{i}"
+    for pool, acc in res["accuracy"].items():
+      ls, marker, what = styles[pool]
+      ax.plot(res["depth"][pool], acc, ls=ls, marker=marker, color=color, label=f"{name}: {what}")
+    ax.axhline(res["pre_logits"]["accuracy"], color=color, ls=":", lw=1,
+               label=f"{name}: pre-logits {res['pre_logits']['accuracy']:.3f}")
+  if probes:
+    ax.axhline(next(iter(probes.values()))["chance"], color="gray", lw=0.8, label="chance (majority class)")
+  ax.set_xlabel("block (0 = embedding)")
+  ax.set_ylabel("linear-probe test accuracy")
+  ax.set_ylim(0, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="lower right")
+  first = next(iter(probes.values()), {})
+  fig.suptitle(f"{title} closed-form ridge probe per block ({first.get('num_train')} train / "
+               f"{first.get('num_test')} test images, l2 chosen on a held-out part)".strip(), fontsize=9)
+  return _save(fig, path)
