@@ -169,21 +169,49 @@ class Segment:
   blocks changed (BatchNorm statistics, RNG counters), given in the form of that state. `block` is the
   Block itself when the segment is one block of the per-block layout (it can run as a module), else None."""
 
-  def __init__(self, n: int, *, blocks: Sequence | None = None, stack=None):
+  def __init__(self, n: int, *, blocks: Sequence | None = None, stack=None, offset: int = 0):
     self.n, self._blocks, self._stack = n, blocks, stack
+    self._offset = offset   # a part of a stack: its blocks offset .. offset + n - 1
     self.block = blocks[0] if blocks is not None and n == 1 else None
+
+  def part(self, start: int, n: int) -> "Segment":
+    """Blocks start .. start + n - 1 of this segment as a segment of their own: a forward pass that keeps
+    chosen blocks' outputs, or stops after one, runs a scanned segment in parts (each part's last carry is
+    the output of its last block; nothing per block is stacked)."""
+    if not (0 <= start and n >= 1 and start + n <= self.n):
+      raise ValueError(f"blocks {start}..{start + n - 1} are not in a segment of {self.n}")
+    if start == 0 and n == self.n:
+      return self
+    if self._stack is not None:
+      return Segment(n, stack=self._stack, offset=self._offset + start)
+    return Segment(n, blocks=self._blocks[start:start + n])
+
+  def _whole_stack(self) -> bool:
+    return self._offset == 0 and self.n == stack_size(self._stack)
 
   def functional(self):
     if self._stack is not None:
       graphdef, state = nnx.split(self._stack)
-      return graphdef, (jax.tree.map(lambda a: a[0], state) if self.n == 1 else state)
+      if self.n == 1:
+        return graphdef, jax.tree.map(lambda a: a[self._offset], state)
+      if not self._whole_stack():
+        state = jax.tree.map(lambda a: a[self._offset:self._offset + self.n], state)
+      return graphdef, state
     states = [nnx.state(b) for b in self._blocks]
     state = states[0] if self.n == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     return nnx.graphdef(self._blocks[0]), state
 
   def write_back(self, new) -> None:
     if self._stack is not None:
-      nnx.update(self._stack, jax.tree.map(lambda a: a[None], new) if self.n == 1 else new)
+      part = jax.tree.map(lambda a: a[None], new) if self.n == 1 else new
+      if not self._whole_stack():
+        # Scatter the part's rows into the stack's current values (only the variables that changed).
+        current = dict(nnx.to_flat_state(nnx.state(self._stack)))
+        o, n = self._offset, self.n
+        part = nnx.from_flat_state([
+            (p, current[p].replace(current[p].get_value().at[o:o + n].set(v.get_value())))
+            for p, v in nnx.to_flat_state(part)])
+      nnx.update(self._stack, part)
       return
     for i, b in enumerate(self._blocks):
       nnx.update(b, new if self.n == 1 else jax.tree.map(lambda a: a[i], new))

@@ -109,6 +109,8 @@ O = Option
 OPTIONS: tuple[Option, ...] = (
     # --- the backbone
     O("img_size", 224, timm=_SAME, doc="input size, int or (H, W)"),
+    O("dynamic_img_size", False, timm=_SAME, example="True",
+      doc="any input whose sides are multiples of patch_size: pos_embed resampled in the graph (bicubic)"),
     O("patch_size", 16, timm=_SAME),
     O("in_chans", 3, timm=_SAME),
     O("num_classes", 1000, timm=_SAME, doc="0: the model returns pre-logits"),

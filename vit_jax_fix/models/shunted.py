@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_jax_fix.models import layers
+from vit_jax_fix.models import features, layers
 
 STEM_WIDTH = 64
 
@@ -272,21 +272,58 @@ class ShuntedTransformer(nnx.Module):
     self.head = (layers.linear(dims[-1], num_classes, rngs=rngs, precision=precision)
                  if num_classes else nnx.data(None))
 
+  def _stage(self, i: int, x, *, return_map: bool = False):
+    """Stage i (0-based) on its input (the image, or the previous stage's (B, H, W, C) map). Returns (normalised
+    tokens (B, H_s W_s, C_s), (H_s, W_s), per block (output before the stage norm, attention maps))."""
+    size = x.shape[1:3]
+    x, hw = getattr(self, f"patch_embed{i + 1}")(x)
+    if i == 0 and min(hw) < self.sr_ratios[0]:
+      raise ValueError(f"input {size} gives a {hw} stage-1 map, smaller than the coarsest key/value "
+                       f"aggregation ({self.sr_ratios[0]}); use at least {4 * self.sr_ratios[0]} px")
+    per_block = []
+    for blk in getattr(self, f"block{i + 1}"):
+      x, maps = blk(x, hw, return_map=return_map)
+      per_block.append((x, maps))
+    return getattr(self, f"norm{i + 1}")(x), hw, per_block
+
+  @property
+  def feature_info(self) -> list[dict]:
+    """Per stage: its channels, stride in pixels and name, as timm's `feature_info`."""
+    return [dict(num_chs=c, reduction=2 ** (i + 2), module=f"stages.{i}") for i, c in enumerate(self.embed_dims)]
+
+  def forward_intermediates(self, images, indices: int | Sequence[int] | None = None, *, norm: bool = False,
+                            output_fmt: str = "NHWC", intermediates_only: bool = False,
+                            return_prefix_tokens: bool = False, stop_early: bool = True):
+    """The stage maps of a pyramid, with the semantics of timm's hierarchical models: indices over the stages
+    (None: all four; k: the last k; a list), each the normalised stage output (what the next stage reads)
+    as 'NHWC' (B, H/4..H/32, W/4..W/32, C_s; default), 'NCHW' or 'NLC'. `norm` and `return_prefix_tokens`
+    are accepted for a uniform call and change nothing (the stage norms are part of the network; no prefix
+    tokens). stop_early: stages after the last requested one do not run. Returns (final features, maps):
+    the final features are the last run stage's map in `output_fmt`; or the maps only with
+    intermediates_only=True."""
+    del norm, return_prefix_tokens
+    features.check_format(output_fmt)
+    take, last = features.take_indices(self.num_stages, indices)
+    x, maps = images, []
+    for i in range(last + 1 if stop_early else self.num_stages):
+      x, hw, _ = self._stage(i, x)
+      if i in take:
+        maps.append(features.to_format(x, hw, output_fmt))
+      x = x.reshape(x.shape[0], *hw, x.shape[-1])
+    if intermediates_only:
+      return maps
+    return features.to_format(x.reshape(x.shape[0], -1, x.shape[-1]), x.shape[1:3], output_fmt), maps
+
   def __call__(self, images, *, return_intermediates: bool = False):
     x = images
     b = x.shape[0]
     inter = {"tokens": [], "stage_tokens": {}, "attn": [], "stages": [], "grids": []}
     for i in range(self.num_stages):
-      x, hw = getattr(self, f"patch_embed{i + 1}")(x)
-      if i == 0 and min(hw) < self.sr_ratios[0]:
-        raise ValueError(f"input {images.shape[1:3]} gives a {hw} stage-1 map, smaller than the coarsest "
-                         f"key/value aggregation ({self.sr_ratios[0]}); use at least {4 * self.sr_ratios[0]} px")
-      for j, blk in enumerate(getattr(self, f"block{i + 1}")):
-        x, maps = blk(x, hw, return_map=return_intermediates)
-        inter["tokens"].append(x)
-        inter["stage_tokens"][f"block{i + 1}.{j}"] = x
+      x, hw, per_block = self._stage(i, x, return_map=return_intermediates)
+      for j, (tokens, maps) in enumerate(per_block):
+        inter["tokens"].append(tokens)
+        inter["stage_tokens"][f"block{i + 1}.{j}"] = tokens
         inter["attn"].append(maps)
-      x = getattr(self, f"norm{i + 1}")(x)
       inter["grids"].append(hw)
       inter["stages"].append(x.reshape(b, *hw, x.shape[-1]))
       if i != self.num_stages - 1:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_jax_fix.models import layers, layout, options, shortcuts, spectral, token_reorg
+from vit_jax_fix.models import features, layers, layout, options, position, shortcuts, spectral, token_reorg
 from vit_jax_fix.models.attention import Attention, ClassAttention
 # The parameter layout lives in models/layout.py, the option table in models/options.py; these names stay
 # importable from here.
@@ -153,6 +153,13 @@ class ClassAttentionBlock(nnx.Module):
     return cls, probs
 
 
+class _Identity(nnx.Module):
+  """The final norm after `prune_intermediate_layers(prune_norm=True)`."""
+
+  def __call__(self, x):
+    return x
+
+
 class VisionTransformer(nnx.Module):
 
   def __init__(self, *, img_size: int | Sequence[int] = 224, patch_size: int = 16, in_chans: int = 3,
@@ -160,6 +167,7 @@ class VisionTransformer(nnx.Module):
                mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: float | None = None,
                drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                drop_path_schedule: str = "linear", pos_embed: str = "cls", stem: str = "patch",
+               dynamic_img_size: bool = False,
                class_attn_depth: int = 0, class_attn_layer_scale: float | None = None, norm_eps: float = 1e-6,
                layer_scale: Any = None, talking_heads: Any = False, attn_scale: Any = False,
                reattention: Any = False, reattention_scale: bool = False, feat_scale: Any = None,
@@ -194,6 +202,9 @@ class VisionTransformer(nnx.Module):
       raise ValueError(f"stem must be 'patch' or 'cnn', got {stem!r}")
     self.embed_dim, self.depth, self.num_classes = embed_dim, depth, num_classes
     self.img_size, self.patch_size = img, patch_size
+    # Any input whose sides are multiples of patch_size: pos_embed is resampled to its grid in the graph
+    # (timm's dynamic_img_size: bicubic with antialias, prefix slots kept; see pos_embed_for).
+    self.dynamic_img_size = bool(dynamic_img_size)
     self.pos_embed_mode = pos_embed
     stem_cls = layers.PatchEmbed if stem == "patch" else layers.ConvStem
     self.patch_embed = stem_cls(patch_size, in_chans, embed_dim, rngs=rngs, dtype=dtype, precision=precision)
@@ -326,21 +337,167 @@ class VisionTransformer(nnx.Module):
         grid = None  # the patch grid no longer exists after a reorganisation
     return x, tokens, maps, reorgs
 
+  def _run_blocks_taking(self, x, grid, take: Sequence[int], stop: int):
+    """Blocks 0 .. stop - 1, keeping the outputs of the blocks in `take` only. A scanned segment runs in
+    parts cut after each taken block and after block stop - 1 (`layout.Segment.part`), so each taken output is
+    a part's last carry and no block after `stop - 1` is traced. Returns (x, {block: tokens}, {block: (EViT
+    kept indices (B, k), tokens after)})."""
+    take = set(take)
+    outs, reorgs = {}, {}
+    start = 0
+    for seg in layout.segments_to_run(self):
+      if start >= stop:
+        break
+      end = min(start + seg.n, stop)
+      a = start
+      for c in sorted({i + 1 for i in take if start <= i < end} | {end}):
+        part = seg.part(a - start, c - a)
+        if part.block is not None and self.remat is not True:
+          x, aux = part.block(x, grid=grid, num_prefix=self.num_prefix_tokens)
+          reorg = aux["reorg"]
+        else:
+          graphdef, state = part.functional()
+          x, _, _, reorg_list, new = self._run_functional(graphdef, state, part.n, x, grid, False)
+          if new is not None:
+            part.write_back(new)
+          reorg = reorg_list[-1]   # only a one-block part can reorganise (such blocks stand alone)
+        if reorg is not None:
+          reorgs[c - 1] = (reorg["idx"], x.shape[1])
+          grid = None
+        if c - 1 in take:
+          outs[c - 1] = x
+        a = c
+      start += seg.n
+    return x, outs, reorgs
+
+  @property
+  def feature_info(self) -> list[dict]:
+    """Per self-attention block: its channels, stride in pixels and name, as timm's `feature_info`."""
+    return [dict(num_chs=self.embed_dim, reduction=self.patch_size, module=f"blocks.{i}")
+            for i in range(self.depth)]
+
+  def forward_intermediates(self, images, indices: int | Sequence[int] | None = None, *, norm: bool = False,
+                            output_fmt: str = "NHWC", intermediates_only: bool = False,
+                            return_prefix_tokens: bool = False, stop_early: bool = True,
+                            return_token_indices: bool = False):
+    """Outputs of chosen self-attention blocks, with timm's semantics (`VisionTransformer` and `Cait`
+    `forward_intermediates`).
+
+    indices: None (every block), k (the last k) or a list (negative from the end); outputs in block order.
+    norm: apply the final norm to each output. output_fmt: 'NHWC' (B, h, w, D; default), 'NCHW' or 'NLC'
+    (B, h*w, D), with (h, w) the input's patch grid. The prefix tokens (class, distillation; none in CaiT's
+    self-attention stage) are split off; return_prefix_tokens=True returns (tokens, prefix (B, P, D)) pairs.
+    stop_early (default True; timm's default is False): blocks after the last requested one do not run, and
+    the final features are then those of the last run block. Returns (final_features, intermediates), the
+    final features being the normalised (B, N, D) sequence after the last run block (in CaiT after its
+    class-attention stage, class token first), or the list only with intermediates_only=True.
+
+    EViT: after a reorganising block the tokens are the kept ones (and the fused one) in score order, no
+    grid: ask for such blocks with output_fmt='NLC' (a grid format raises), and with
+    return_token_indices=True each entry ends with their positions (B, L) int32 in the input's row-major patch
+    grid (-1 marks the fused token), e.g. to scatter them back to a map.
+    """
+    features.check_format(output_fmt)
+    take, last = features.take_indices(self.depth, indices)
+    x, grid = self.embed(images)
+    x, outs, reorgs = self._run_blocks_taking(x, grid, take, last + 1 if stop_early else self.depth)
+    p = self.num_prefix_tokens
+    b = x.shape[0]
+    where = jnp.broadcast_to(jnp.arange(grid[0] * grid[1], dtype=jnp.int32), (b, grid[0] * grid[1]))
+    intermediates, reorganised_at = [], None
+    for i in range(last + 1):
+      if i in reorgs:
+        idx, n_after = reorgs[i]
+        where = jnp.take_along_axis(where, idx.astype(jnp.int32), axis=1)
+        if n_after - p > where.shape[1]:   # the fused token, appended last
+          where = jnp.concatenate([where, jnp.full((b, 1), -1, jnp.int32)], axis=1)
+        reorganised_at = i
+      if i not in outs:
+        continue
+      y = self.norm(outs[i]) if norm else outs[i]
+      if reorganised_at is not None and output_fmt != "NLC":
+        raise ValueError(f"block {i} follows the EViT token reorganisation of block {reorganised_at}: its "
+                         f"tokens form no patch grid; use output_fmt='NLC' (with return_token_indices=True "
+                         f"for their grid positions)")
+      entry = (features.to_format(y[:, p:], grid, output_fmt),)
+      if return_prefix_tokens and p:
+        entry += (y[:, :p],)
+      if return_token_indices:
+        entry += (where,)
+      intermediates.append(entry[0] if len(entry) == 1 else entry)
+    if intermediates_only:
+      return intermediates
+    if self.blocks_token_only is not None:
+      cls = jnp.broadcast_to(self.cls_token[...], (b, 1, self.embed_dim)).astype(x.dtype)
+      for blk in self.blocks_token_only:
+        cls, _ = blk(x, cls)
+      x = jnp.concatenate([cls, x], axis=1)
+    return self.norm(x), intermediates
+
+  def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                prune_head: bool = True) -> list[int]:
+    """Drop what `forward_intermediates(indices)` does not need, in place, as timm: the blocks after the last
+    index (a stack of the stacked layout is cut), with prune_norm the final norm (an identity), with
+    prune_head the classifier (and CaiT's class-attention stage; `model(x)` then returns the normalised
+    first token of the last block). Returns the kept indices."""
+    take, last = features.take_indices(self.depth, indices)
+    keep = last + 1
+    if self.param_layout == layout.STACKED:
+      stacks, start = [], 0
+      for s in self.block_stacks:
+        n = layout.stack_size(s)
+        if start + n <= keep:
+          stacks.append(s)
+        elif start < keep:
+          graphdef, state = nnx.split(s)
+          stacks.append(nnx.merge(graphdef, jax.tree.map(lambda a: a[:keep - start], state)))
+        start += n
+      self.block_stacks = nnx.List(stacks)
+    else:
+      self.blocks = nnx.List(list(self.blocks)[:keep])
+    self.depth = keep
+    if prune_norm:
+      self.norm = _Identity()
+    if prune_head:
+      self.head = nnx.data(None)
+      if getattr(self, "head_dist", None) is not None:
+        self.head_dist = nnx.data(None)
+      self.blocks_token_only = nnx.data(None)
+      self.num_classes = 0
+    return take
+
+  def pos_embed_for(self, grid: tuple[int, int], hw: tuple[int, int] | None = None):
+    """The position embedding of a `grid` of patches (from an input of `hw` pixels): `pos_embed` itself at the
+    grid the model was built for; else, with dynamic_img_size=True, its patch part resampled to `grid` as
+    timm's `resample_abs_pos_embed` does (torch's bicubic with antialias, the prefix slots kept; the one
+    implementation in models/position.py, traced here), and an error without it."""
+    grid = tuple(int(g) for g in grid)
+    if grid == self.grid_size:
+      return self.pos_embed[...]
+    hw = tuple(hw) if hw is not None else tuple(g * self.patch_size for g in grid)
+    if not self.dynamic_img_size:
+      raise ValueError(f"input gives a {grid} patch grid but the model was built for {self.grid_size} "
+                       f"(img_size={self.img_size}); build it with img_size=... (position embeddings are "
+                       f"resized when loading weights, see vit_jax_fix.interop) or with dynamic_img_size=True")
+    if hw[0] % self.patch_size or hw[1] % self.patch_size:
+      raise ValueError(f"dynamic_img_size: input {hw} is not a multiple of patch_size {self.patch_size}")
+    pos = self.pos_embed[...]
+    prefix = pos.shape[1] - self.grid_size[0] * self.grid_size[1]
+    return position.resize_pos_embed(pos, grid, num_prefix=prefix, old_grid=self.grid_size,
+                                     method="bicubic", antialias=True)
+
   def embed(self, images):
     """images (B, H, W, C) -> tokens (B, N0, D) entering the first block, and the patch grid."""
     x, grid = self.patch_embed(images)
-    if grid != self.grid_size:
-      raise ValueError(f"input gives a {grid} patch grid but the model was built for {self.grid_size} "
-                       f"(img_size={self.img_size}); build it with img_size=... (position embeddings are "
-                       f"resized when loading weights, see vit_jax_fix.interop)")
+    pos_embed = self.pos_embed_for(grid, images.shape[1:3])
     b = x.shape[0]
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, self.embed_dim)).astype(x.dtype)
     if self.dist_token is not None:
       cls = jnp.concatenate([cls, jnp.broadcast_to(self.dist_token[...], cls.shape).astype(x.dtype)], axis=1)
     if self.pos_embed_mode == "cls":
-      x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
+      x = jnp.concatenate([cls, x], axis=1) + pos_embed.astype(x.dtype)
     else:
-      x = x + self.pos_embed[...].astype(x.dtype)
+      x = x + pos_embed.astype(x.dtype)
       if self.num_prefix_tokens:
         x = jnp.concatenate([cls, x], axis=1)
     return self.pos_drop(x), grid
