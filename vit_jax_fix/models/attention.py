@@ -13,9 +13,18 @@ One `Attention` serves every ViT family; each fix is a small, optional step on t
 
 AttnScale never materialises A when nothing else needs it: A_hat v = (1 + lamb) A v - lamb * mean_tokens(v),
 so a fused attention kernel stays usable (`jax.nn.dot_product_attention`).
+
+Which kernel runs (`implementation_for`): the explicit form above whenever the map itself is needed (talking
+heads, re-attention, attention dropout in training, maps asked for by diagnostics or return_intermediates);
+otherwise `jax.nn.dot_product_attention` with `implementation` from `AUTO_IMPL` per backend (None: jax's
+choice, which in jax 0.10 is its XLA form; 'xla'; 'cudnn': cuDNN's flash kernel, taken only where its
+constraints hold, else 'xla'). EViT's reorganising blocks need only the class token's row of A: it is
+computed on its own (one softmax row per head, q_cls K^T), and the output still comes from the fused kernel.
+Details and the cuDNN constraints: docs/models.md, "Attention kernels".
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -23,6 +32,60 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vit_jax_fix.models import layers
+
+
+IMPLEMENTATIONS = (None, "xla", "cudnn", "explicit")
+
+# The kernel of the fused path per backend (jax.default_backend()), read when a model is traced. None lets jax
+# choose (its XLA form in jax 0.10); 'explicit' builds the map even where no fix needs it. Measure with
+# benchmarks/device_check.py and set the backend's entry from its fused-vs-explicit table (benchmarks/README.md);
+# backends without an entry get None. Only CPU has been measured (DeiT-S train step: fused XLA form 1.93 s,
+# explicit 2.02 s; benchmarks/README.md).
+AUTO_IMPL: dict[str, str | None] = {"cpu": None}
+_FORCED: list = []
+
+
+@contextlib.contextmanager
+def use_implementation(impl):
+  """Within the block, trace every fused-capable attention with `impl` (one of IMPLEMENTATIONS) instead of
+  AUTO_IMPL. Trace time is what counts: jit a fresh function inside the block (a cached trace is not redone)."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
+  _FORCED.append(impl)
+  try:
+    yield
+  finally:
+    _FORCED.pop()
+
+
+def cudnn_supported(dtype, head_dim: int) -> bool:
+  """The static part of cuDNN flash attention's constraints (jax/_src/cudnn/fused_attention_stablehlo.py,
+  check_layout and check_is_flash_attention, jax 0.10): fp16/bf16 inputs, head dim a multiple of 8 and at most
+  128 (256 on Hopper and later; 128 is assumed here), on a CUDA backend. Sequence lengths are free without a
+  bias or mask."""
+  return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+          and head_dim % 8 == 0 and head_dim <= 128)
+
+
+def implementation_for(dtype, head_dim: int):
+  """The kernel a fused-capable attention with q/k/v of `dtype` gets: 'explicit', None, 'xla' or 'cudnn'
+  (a 'cudnn' choice whose constraints do not hold falls back to 'xla', as no error can be caught at trace time)."""
+  impl = _FORCED[-1] if _FORCED else AUTO_IMPL.get(jax.default_backend())
+  if impl == "cudnn" and not cudnn_supported(dtype, head_dim):
+    return "xla"
+  return impl
+
+
+def fused_attention(q, k, v, scale: float, impl):
+  """softmax(q k^T * scale) v without a map in the caller's code: q (B, N, H, Dh), k/v (B, M, H, Dh)."""
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+
+
+def class_token_row(q, k, scale: float, precision=None):
+  """The class token's attention row on its own: softmax(q_0 k^T * scale) per head, (B, H, 1, M) float32, the
+  row 0 of the full map (B, H, N, M) in its layout, at O(M) instead of O(N M) per head."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q[:, :1], k, precision=precision) * scale
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
 def _conv_heads_last(a, w, bias, precision):
@@ -56,6 +119,11 @@ def _mix_heads_bwd(precision, res, g):
 
 
 mix_heads_1x1.defvjp(_mix_heads_fwd, _mix_heads_bwd)
+
+
+def drop_active(drop: nnx.Dropout) -> bool:
+  """Whether a dropout on the attention map changes it (rate > 0 and not in eval mode)."""
+  return drop.rate > 0 and not drop.deterministic
 
 
 class Attention(nnx.Module):
@@ -103,24 +171,27 @@ class Attention(nnx.Module):
     return mix_heads_1x1(a, conv.kernel[0, 0].astype(a.dtype), conv.bias[...].astype(a.dtype), self.precision)
 
   def needs_map(self) -> bool:
-    """Whether the map A must be materialised (a fused kernel cannot express these fixes)."""
-    return self.talking_heads or self.reattention or self.attn_drop.rate > 0
+    """Whether the map A must be materialised (a fused kernel cannot express these fixes; dropout on A only
+    while it is active, i.e. in training)."""
+    return self.talking_heads or self.reattention or drop_active(self.attn_drop)
 
-  def __call__(self, x, *, return_map: bool = False):
+  def __call__(self, x, *, return_map: bool = False, cls_row: bool = False):
     """x: (B, N, D). Returns (out, A) with A the post-softmax map (B, H, N, N) before re-attention and
-    AttnScale, in float32, or None when it was not asked for and not needed."""
+    AttnScale, in float32, or None when it was not asked for and not needed. cls_row=True (EViT) asks only
+    for the class token's row: A is then (B, H, 1, N) unless the full map is built anyway."""
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]          # (B, N, H, Dh)
     lamb = None if self.lamb is None else self.lamb[...]
+    impl = "explicit" if (return_map or self.needs_map()) else implementation_for(q.dtype, self.head_dim)
 
-    if not (return_map or self.needs_map()):
+    if impl != "explicit":
       # Fused path: no map is materialised by the caller's code (XLA or cuDNN picks the kernel).
-      out = jax.nn.dot_product_attention(q, k, v, scale=self.scale)            # (B, N, H, Dh)
+      out = fused_attention(q, k, v, self.scale, impl)                         # (B, N, H, Dh)
       if lamb is not None:
         lam = lamb.astype(out.dtype)[None, None, :, None]
         out = (1 + lam) * out - lam * jnp.mean(v, axis=1, keepdims=True)
-      probs = None
+      probs = class_token_row(q, k, self.scale, self.precision) if cls_row else None
     else:
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=self.precision) * self.scale
       logits = logits.astype(jnp.float32)
@@ -157,12 +228,19 @@ class ClassAttention(nnx.Module):
     self.v = layers.linear(dim, dim, use_bias=qkv_bias, rngs=rngs, dtype=dtype, precision=precision)
     self.proj = layers.linear(dim, dim, rngs=rngs, dtype=dtype, precision=precision)
 
-  def __call__(self, u):
-    """u: (B, 1 + N, D) normalised [cls, patches]. Returns the class token update (B, 1, D) and the map."""
+  def __call__(self, u, *, return_map: bool = True):
+    """u: (B, 1 + N, D) normalised [cls, patches]. Returns the class token update (B, 1, D) and the map
+    (B, H, 1, 1 + N) float32. With return_map=False the fused kernel runs (map None) where AUTO_IMPL or
+    use_implementation names one ('xla', 'cudnn'): with a single query the map is no larger than the output,
+    so only a kernel that gains on its own (cuDNN) is worth it, and None keeps the explicit form here."""
     b, n, d = u.shape
     q = self.q(u[:, :1]).reshape(b, 1, self.num_heads, self.head_dim)
     k = self.k(u).reshape(b, n, self.num_heads, self.head_dim)
     v = self.v(u).reshape(b, n, self.num_heads, self.head_dim)
+    impl = None if return_map else implementation_for(q.dtype, self.head_dim)
+    if impl is not None and impl != "explicit":
+      out = fused_attention(q, k, v, self.scale, impl)
+      return self.proj(out.reshape(b, 1, d)), None
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * self.scale, k, precision=self.precision)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, precision=self.precision)

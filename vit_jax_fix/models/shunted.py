@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_jax_fix.models import features, layers
+from vit_jax_fix.models import attention, features, layers
 
 STEM_WIDTH = 64
 
@@ -154,8 +154,16 @@ class ShuntedAttention(nnx.Module):
     else:
       raise ValueError(f"sr_ratio must be >= 1, got {sr_ratio}")
 
-  def _attend(self, q, k, v):
-    """q (B, N, h, d), k/v (B, M, h, d) -> out (B, N, h*d), probs (B, h, N, M) float32."""
+  def _attend(self, q, k, v, return_map: bool = False):
+    """q (B, N, h, d), k/v (B, M, h, d) -> out (B, N, h*d), probs (B, h, N, M) float32. Without a map asked
+    for and no active attention dropout, the fused kernel of `attention.implementation_for` computes out
+    (one call per head group) and probs is None."""
+    impl = ("explicit" if return_map or attention.drop_active(self.attn_drop)
+            else attention.implementation_for(q.dtype, self.head_dim))
+    if impl != "explicit":
+      out = attention.fused_attention(q, k, v, self.scale, impl)
+      b, n, h, d = out.shape
+      return out.reshape(b, n, h * d), None
     logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, precision=self.precision) * self.scale
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     a = self.attn_drop(probs).astype(v.dtype)
@@ -182,14 +190,14 @@ class ShuntedAttention(nnx.Module):
       g = h // 2
       k1, v1 = self._reduced_kv(xmap, self.sr1, self.norm1, self.kv1, self.local_conv1, g)
       k2, v2 = self._reduced_kv(xmap, self.sr2, self.norm2, self.kv2, self.local_conv2, g)
-      o1, p1 = self._attend(q[:, :, :g], k1, v1)   # first half of the heads: coarse rate r
-      o2, p2 = self._attend(q[:, :, g:], k2, v2)   # second half: rate r / 2
+      o1, p1 = self._attend(q[:, :, :g], k1, v1, return_map)   # first half of the heads: coarse rate r
+      o2, p2 = self._attend(q[:, :, g:], k2, v2, return_map)   # second half: rate r / 2
       out = jnp.concatenate([o1, o2], axis=-1)
       maps = (p1, p2)
     else:
       kvs = self.kv(x).reshape(b, n, 2, h, d)
       k, v = kvs[:, :, 0], kvs[:, :, 1]
-      out, maps = self._attend(q, k, v)
+      out, maps = self._attend(q, k, v, return_map)
       # Stage 4: local enhancement added after the attention product.
       out = out + self.local_conv(v.reshape(b, *hw, c)).reshape(b, n, c)
     out = self.proj_drop(self.proj(out))

@@ -30,7 +30,8 @@ def tokens_after(num_tokens: int, keep_rate: float, fuse_token: bool) -> int:
 
 
 def reorganize(x, probs, keep_rate: float, fuse_token: bool):
-  """x: (B, N, D) residual stream after the attention residual; probs: (B, H, N, N) post-softmax attention.
+  """x: (B, N, D) residual stream after the attention residual; probs: (B, H, N, N) post-softmax attention,
+  or only its class-token row (B, H, 1, N) (what a fused-attention block computes; only row 0 is read).
 
   Returns (x', info) with info = {'idx': (B, k) kept indices over the non-class tokens in descending score
   order, 'cls_attn': (B, N - 1) scores}, or (x, None) when nothing is dropped (k = N - 1).

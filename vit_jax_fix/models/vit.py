@@ -102,7 +102,8 @@ class Block(nnx.Module):
     # --- attention sub-layer
     x_in = x
     u = self.norm1(x * a if a != 1.0 else x)
-    y, probs = self.attn(u, return_map=return_map or self.keep_rate < 1.0)
+    # EViT needs only the class token's row of the map: the output keeps the fused kernel.
+    y, probs = self.attn(u, return_map=return_map, cls_row=self.keep_rate < 1.0)
     if a != 1.0:
       y = y / a
     if self.feat_scale is not None:
@@ -145,9 +146,9 @@ class ClassAttentionBlock(nnx.Module):
     self.norm2 = layers.layer_norm(dim, norm_eps, rngs=rngs)
     self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype, precision=precision)
 
-  def __call__(self, x, cls):
+  def __call__(self, x, cls, *, return_map: bool = True):
     u = jnp.concatenate([cls, x], axis=1)
-    y, probs = self.attn(self.norm1(u))
+    y, probs = self.attn(self.norm1(u), return_map=return_map)
     cls = cls + (self.gamma_1[...] * y).astype(cls.dtype)
     cls = cls + (self.gamma_2[...] * self.mlp(self.norm2(cls))).astype(cls.dtype)
     return cls, probs
@@ -516,7 +517,7 @@ class VisionTransformer(nnx.Module):
     if self.blocks_token_only is not None:
       cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, self.embed_dim)).astype(x.dtype)
       for blk in self.blocks_token_only:
-        cls, probs = blk(x, cls)
+        cls, probs = blk(x, cls, return_map=return_intermediates)
         inter["cls_tokens"].append(cls)
         inter["cls_attn"].append(probs)
       x = jnp.concatenate([cls, x], axis=1)
