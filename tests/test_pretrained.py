@@ -315,4 +315,4 @@ def test_weights_table_rows():
       hashed += 1
     if not w.needs_browser:                                      # direct links: the URL names the file
       assert W._file_name_of(w.url) == w.file_name, name
-  assert hashed == 6                                             # the three DeiT files, three distilled
+  assert hashed == 7                                             # DeiT: three plain, three distilled, the teacher

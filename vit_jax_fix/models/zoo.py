@@ -13,6 +13,7 @@ keys are tested against listings of the official models, tests/data/state_dicts)
 """
 from __future__ import annotations
 
+from vit_jax_fix.models.regnet import RegNet
 from vit_jax_fix.models.shunted import ShuntedTransformer
 from vit_jax_fix.models.spec import HALF, Weights, register, register_weights
 from vit_jax_fix.models.vit import VisionTransformer
@@ -109,6 +110,11 @@ for name, depths, num_conv, top1 in (("shunted_t", (1, 2, 4, 1), 0, 79.8), ("shu
   register(name, "shunted", ShuntedTransformer, dict(_SHUNTED, depths=depths, num_conv=num_conv),
            crop_pct=0.875, paper_top1=top1, source=f"OliverRensu/Shunted-Transformer SSA.py :: {name}")
 
+# --- RegNetY-16GF (Radosavovic et al. 2020), DeiT's distillation teacher: timm's regnety_160 (RegNetCfg w0 200,
+# wa 106.23, wm 2.48, group width 112, 18 blocks, SE 0.25), whose keys DeiT's released teacher file has.
+register("regnety_160", "regnet", RegNet, dict(w0=200, wa=106.23, wm=2.48, group_size=112, depth=18, se_ratio=0.25),
+         source="timm regnet.py :: regnety_160 (teacher of facebookresearch/deit main.py --teacher-model)")
+
 # --- Released weights (registry.Weights): URL as the authors publish it, the file name it is cached (and
 # mirrored) under, the key layout load_torch reads it with, and the sha256 prefix where the file name
 # carries one (torch.hub's `-<hex>` convention). Names without a row have no released weights: AugViT (none
@@ -134,6 +140,10 @@ _WEIGHTS = {
                                                      f"deit_{size}_distilled_patch16_224-{h}.pth", sha256=h,
                                                      source="facebookresearch/deit README_deit.md")
        for size, h in (("tiny", "b40b3cf7"), ("small", "649709d9"), ("base", "df68dfff"))},
+    # DeiT's teacher, the file main.py --teacher-path reads ({'model': state_dict}, timm's regnety_160 keys).
+    "regnety_160": Weights(_FB + "regnety_160-a5fe301d.pth", "regnety_160-a5fe301d.pth", layout="timm",
+                           sha256="a5fe301d", source="facebookresearch/deit README_deit.md (teacher)",
+                           note="RegNetY-16GF trained by the DeiT authors, the teacher of the distilled models"),
     # CaiT: README_cait.md (S24 224); XXS24 224 is published in cait_models.py (cait_XXS24_224, pretrained=True).
     "cait_S24_224": Weights(_FB + "S24_224.pth", "S24_224.pth", source="facebookresearch/deit README_cait.md",
                             note="keys carry a 'module.' prefix (stripped on load)"),
