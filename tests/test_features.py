@@ -11,7 +11,7 @@ from jax.extend import core as jax_core
 import vit_jax_fix
 from vit_jax_fix import errors
 from vit_jax_fix.interop import from_torch_state_dict, testing
-from vit_jax_fix.interop.timm_models import timm_config
+from vit_jax_fix.interop.timm_models import TimmUnsupported, timm_config
 from vit_jax_fix.interop.torch_compat import import_timm
 from vit_jax_fix.models import features, layout, registry
 
@@ -32,9 +32,10 @@ def timm_pair(case, dynamic=False):
   key = (case, dynamic)
   if key not in _PAIRS:
     name, kw = CASES[case]
-    tname, tkw = timm_config(name, **kw)
+    tname, tkw = timm_config(name, **kw, **({"dynamic_img_size": True} if dynamic else {}))
+    assert tkw.get("dynamic_img_size", False) == dynamic
     torch.manual_seed(0)
-    tmodel = timm.create_model(tname, pretrained=False, **tkw, **({"dynamic_img_size": True} if dynamic else {}))
+    tmodel = timm.create_model(tname, pretrained=False, **tkw)
     with torch.no_grad():  # timm inits LayerScale near 0 and biases at 0: move everything
       for p in tmodel.parameters():
         p.add_(0.2 * torch.randn_like(p))
@@ -116,6 +117,8 @@ def test_dynamic_img_size_matches_timm_at_a_non_square_size():
     assert_close(got, theirs(tmodel, xt, **kw))
   with pytest.raises(ValueError, match="not a multiple of patch_size 8"):
     model(jnp.zeros((1, 40, 36, 3)))
+  with pytest.raises(TimmUnsupported, match="dynamic_img_size"):
+    timm_config(CASES["cait"][0], dynamic_img_size=True, **CASES["cait"][1])
   fixed = testing.random_model(CASES["deit"][0], **TINY)
   with pytest.raises(ValueError, match="dynamic_img_size=True"):
     fixed(jnp.zeros((1, 48, 64, 3)))

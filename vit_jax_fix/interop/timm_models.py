@@ -100,6 +100,8 @@ def timm_config(name: str, **overrides) -> tuple[str, dict]:
   if spec.family == "cait":
     if not talking or not class_attn_depth or layer_scale is None:
       problems.append("CaiT without talking heads / class attention / LayerScale")
+    if kw.get("dynamic_img_size"):
+      problems.append("dynamic_img_size=True (timm's Cait has no such option)")
   else:
     if talking:
       problems.append(f"talking_heads={kw['talking_heads']!r} (timm has them only in Cait)")
@@ -120,6 +122,8 @@ def timm_config(name: str, **overrides) -> tuple[str, dict]:
   else:
     out.update(no_embed_class=kw.get("pos_embed", "cls") == "patches",
                init_values=None if layer_scale is None else float(layer_scale))
+    if kw.get("dynamic_img_size"):
+      out["dynamic_img_size"] = True
   return _timm_name(name, spec.family, bool(kw.get("dist_token"))), out
 
 
