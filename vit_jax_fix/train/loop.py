@@ -22,7 +22,7 @@ from vit_jax_fix import errors
 from vit_jax_fix.models import keep_rate as keep_rate_lib
 from vit_jax_fix.models import registry
 from vit_jax_fix.train import checkpoint as ckpt
-from vit_jax_fix.train import distill as distill_lib
+from vit_jax_fix.train import teacher as teacher_lib
 from vit_jax_fix.train import collapse
 from vit_jax_fix.train import config as config_lib
 from vit_jax_fix.train import evaluate as eval_lib
@@ -138,12 +138,12 @@ class Setup:
                                      self.ema)
     self.abstract_state = jax.eval_shape(self.init_fn)
     self.state_sh = shard_lib.state_shardings(self.abstract_state, self.mesh, config)
-    self.teacher = distill_lib.teacher_of(config, self.num_classes, self.mesh)   # None without distillation
+    self.teacher = teacher_lib.teacher_of(config, self.num_classes, self.mesh)   # None without distillation
     self._step_kwargs = dict(
         loss=config.loss, mix_kwargs=data_lib.mixup_kwargs(config.data, self.num_classes),
         ema_decay=float(config.ema.decay), lr_schedule=self.lr, train_mode=bool(config.train_mode),
         grad_accum_steps=self.accum, skip_nonfinite=config.nonfinite_policy == "skip",
-        nan_at_step=int(config.debug_nan_at_step), distill=distill_lib.step_args(config, self.teacher),
+        nan_at_step=int(config.debug_nan_at_step), distill=teacher_lib.step_args(config, self.teacher),
         mix_mesh=self.mesh if config.data.mixup_per_device else None,
         frozen=transfer.frozen_map(self.model_def.abstract_params(), config.optimizer.freeze)
         if config.optimizer.freeze else None)
