@@ -192,7 +192,7 @@ class PreemptionFlag:
     save, a collective, would wait for hosts still stepping. jax.distributed.initialize installs jax's
     preemption sync manager, which catches SIGTERM itself: the coordination service tells every host, each
     reports its count of `reached()` calls, and the sync point is the largest count + 1, which every host
-    reaches since they step in lockstep. `reached()` is then a local check (~5 us); the agreement runs in
+    reaches since they step in lockstep. `reached()` is then a local check (about 2 us); the agreement runs in
     jax's background threads. The count starts at 0 on every host when the process starts (all hosts resume
     from the same checkpoint), so a notice during set-up, before the first step, stops at the first one.
   """
