@@ -135,3 +135,23 @@ def deepvit(depth: int, arg: str):
   if arg == "demo":
     return demo(c, dict(reattention=True, num_heads=4))
   return finish(c, arg)
+
+
+def deit_distillation(c):
+  """DeiT's hard distillation (main.py --distillation-type hard, alpha 0.5, tau 1) from RegNetY-16GF with DeiT's
+  released weights (regnety_160-a5fe301d.pth, the zoo's file)."""
+  d = c.distillation
+  d.type, d.alpha, d.tau = "hard", 0.5, 1.0
+  d.teacher, d.teacher_overrides, d.teacher_weights = "regnety_160", {}, ""
+  return c
+
+
+DISTILL_DEMO_TEACHER = dict(img_size=28, patch_size=7, embed_dim=32, depth=1, num_heads=2)
+
+
+def distill_demo(c):
+  """A demo's teacher: a tiny random ViT (smoke runs: the loss and the teacher step, in seconds per step);
+  benchmarks/distill_demo.py replaces it with a trained demo model."""
+  d = c.distillation
+  d.teacher, d.teacher_overrides, d.teacher_weights = "deit_tiny_patch16_224", dict(DISTILL_DEMO_TEACHER), "random"
+  return c

@@ -153,3 +153,21 @@ def test_train_step_runs_the_teacher_on_the_mixed_images():
   on_clean = float(loss(outputs, targets, teacher_logits(t_weights, batch["image"])))
   np.testing.assert_allclose(float(metrics["train/loss"]), on_mixed, rtol=1e-5)
   assert abs(on_mixed - on_clean) > 20 * 1e-5 * on_mixed, "mixing must change the teacher targets"
+
+
+@pytest.mark.slow
+def test_distilled_demo_config_trains(demo_data_dir, tmp_path):
+  """configs/deit_s_distilled.py:demo (hard distillation from its random tiny teacher) at a tiny size: two
+  steps and the final evaluation, which averages the two heads."""
+  import math
+  from configs import deit_s_distilled
+  from vit_jax_fix.train import loop, metrics
+  c = deit_s_distilled.get_config("demo")
+  c.data.data_dir = str(demo_data_dir)
+  c.model.overrides.update(depth=1, embed_dim=32, num_heads=2)
+  c.total_steps, c.batch_size, c.eval_batch_size, c.log_every_steps = 2, 16, 256, 1
+  c.progress_bar, c.ema.decay = False, 0.0
+  final = loop.train_and_evaluate(c, str(tmp_path / "run"))
+  assert 0.0 <= final["eval/top1"] <= 1.0
+  losses = [r["train/loss"] for r in metrics.read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
+  assert len(losses) == 2 and all(math.isfinite(v) for v in losses)

@@ -23,6 +23,7 @@ CASES = {
     "deit": ("deit_small_patch16_224", TINY),
     "deit3": ("deit_small_patch16_LS", TINY),                       # LayerScale, pos_embed over patches only
     "cait": ("cait_XXS24_224", dict(TINY, class_attn_depth=1)),     # no prefix token in the scanned stage
+    "deit_distilled": ("deit_small_distilled_patch16_224", TINY),   # two prefix tokens
 }
 _PAIRS = {}
 
@@ -96,8 +97,8 @@ def test_forward_intermediates_match_timm(case):
   got = ours(model, x, *settings)
   for kw, g in zip(settings[:-1], got):
     assert_close(g, theirs(tmodel, xt, **kw))
-  if case != "cait":
-    assert got[0][1][0][1].shape == (2, 1, 64)                # (tokens, class token) pairs
+  if case != "cait":                                          # (tokens, prefix tokens) pairs
+    assert got[0][1][0][1].shape == (2, 2 if case == "deit_distilled" else 1, 64)
   nhwc = got[-1]
   assert [a.shape for a in nhwc] == [(2, 4, 4, 64)] * 2
   block2_nchw = got[0][1][1] if case == "cait" else got[0][1][1][0]
@@ -210,11 +211,11 @@ def primitive_count(model, x, fn, name):
 def test_shunted_stage_maps_equal_the_forward_pass():
   model = testing.random_model("shunted_t", **SHUNTED)
   model.eval()
-  x = images(64, 96)[0]
+  x = images(32, 64)[0]
   (_, inter), (final, maps), nchw = run(model, x, lambda m, x: (
       m(x, return_intermediates=True), m.forward_intermediates(x),
       m.forward_intermediates(x, [-1], output_fmt="NCHW", intermediates_only=True)))
-  assert [m.shape for m in maps] == [(2, 16, 24, 16), (2, 8, 12, 32), (2, 4, 6, 32), (2, 2, 3, 64)]
+  assert [m.shape for m in maps] == [(2, 8, 16, 16), (2, 4, 8, 32), (2, 2, 4, 32), (2, 1, 2, 64)]
   for m, s in zip(maps, inter["stages"]):
     np.testing.assert_allclose(m, s, atol=1e-6)
   np.testing.assert_array_equal(final, maps[-1])
