@@ -6,8 +6,10 @@ fails_fast), unknown dataset / missing folder / empty folder / auto-download ref
 test_clear_errors), wrong split name (test_data_pipeline.test_unknown_split_is_reported), corrupt images and
 odd modes decoded or skipped with a count (test_data_pipeline.test_folder_modes_and_corrupt_files_are_handled).
 Here the trainer runs in-process on a 2-device mesh with a generated image folder, except the kill test,
-which needs subprocesses (main.py through tests/train_runner.py on mocked imagenet2012).
+which needs subprocesses (main.py through tests/train_runner.py on mocked imagenet2012). A workdir in a bucket
+(issue #21): the reference run again on a fake Google Cloud Storage (tests/fake_gcs.py), crashed and resumed.
 """
+import glob
 import json
 import os
 import random
@@ -21,12 +23,15 @@ import jax
 import numpy as np
 import pytest
 
+from vit_jax_fix import paths
 from vit_jax_fix.data import testing as data_testing
 from vit_jax_fix.train import checkpoint as ckpt
 from vit_jax_fix.train import finetune
+from tests import fake_gcs
 from tests import train_configs
 from tests.test_train_e2e import _tail
 from vit_jax_fix.train import loop
+from vit_jax_fix.train import metrics as metrics_lib
 from vit_jax_fix.train import sharding as S
 from vit_jax_fix.train import state as state_lib
 
@@ -225,6 +230,74 @@ def test_bad_config_fails_before_training(folder, tmp_path, change, expect):
   assert expect in str(e.value), str(e.value)
   assert not (tmp_path / "w").exists()                     # nothing written, nothing trained
   assert time.process_time() - t < 30
+
+
+# ------------------------------------------------------------------------- a workdir in a bucket (issue #21)
+# The run, its checkpoints, metrics, TensorBoard and collapse diagnostics, and the tools reading it, on a fake
+# Google Cloud Storage (tests/fake_gcs.py) in which `open`, `os.*` or `shutil` on a bucket path fail.
+
+BUCKET_RUN = "gs://bucket/runs/tiny"
+
+
+@pytest.fixture(scope="module")
+def bucket_run(folder, tmp_path_factory):
+  """(fake bucket root, final eval): the reference run in the bucket, crashed after step 3 (checkpoint 2
+  saved) and resumed; diagnostics at steps 0 and 6, two checkpoints kept."""
+  root = tmp_path_factory.mktemp("gcs")
+  extra = {"max_to_keep": 2, "diagnostics.every_steps": 6, "diagnostics.num_batches": 1,
+           "diagnostics.batch_size": 2}
+  with fake_gcs.fake_gcs(root):
+    with pytest.raises(RuntimeError, match="debug_crash_at_step"):
+      _train(_config(folder, debug_crash_at_step=3, **extra), BUCKET_RUN)
+    final = _train(_config(folder, **extra), BUCKET_RUN)
+  return root, final
+
+
+def test_workdir_in_a_bucket_resumes_bit_identical(bucket_run, reference):
+  root, final = bucket_run
+  with fake_gcs.fake_gcs(root) as bucket:
+    for ema in (False, True):
+      np.testing.assert_array_equal(_params(BUCKET_RUN, ema), _params(reference, ema))
+    assert sorted(p.name for p in ckpt.checkpoint_dir(BUCKET_RUN).iterdir()) == ["4", "6"]
+    rows = metrics_lib.read_jsonl(f"{BUCKET_RUN}/metrics.jsonl")
+    assert final["eval/top1"] == [r for r in rows if "eval/top1" in r][-1]["eval/top1"]
+    # each save logged how long it held the step (issue #21): the crashed run's, then the resumed run's
+    saves = [(r["step"], r["checkpoint/blocking_s"]) for r in rows if "checkpoint/blocking_s" in r]
+    assert [s for s, _ in saves] == [2, 4, 6] and all(0 < t < 60 for _, t in saves)
+    assert json.loads((paths.as_path(BUCKET_RUN) / "config.json").read_text())["total_steps"] == 6
+    local = bucket.local(BUCKET_RUN)
+    assert glob.glob(os.path.join(local, "tensorboard", "events.*"))
+    assert {"step_0.json", "step_6.json", "hf_bands.png"} <= set(os.listdir(os.path.join(local, "diagnostics")))
+
+
+def test_fake_bucket_catches_local_file_apis(tmp_path, monkeypatch):
+  """What the trainer did before (os.makedirs(os.path.abspath(workdir))) fails on the fake bucket."""
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(AssertionError, match="local-only file APIs used on bucket paths"):
+    with fake_gcs.fake_gcs(tmp_path / "gcs"):
+      with pytest.raises(AssertionError, match="makedirs"):
+        os.makedirs(os.path.join(os.path.abspath(BUCKET_RUN), "checkpoints"), exist_ok=True)
+
+
+def test_tools_read_and_write_a_bucket(folder, bucket_run, monkeypatch, tmp_path):
+  from vit_jax_fix import convert, diagnose
+  from vit_jax_fix import evaluate as E
+  root, final = bucket_run
+  monkeypatch.chdir(tmp_path)
+  with fake_gcs.fake_gcs(root) as bucket:
+    # evaluate --checkpoint gs://... --out gs://...: the run's own final numbers
+    res = E.run(_config(folder), checkpoint=BUCKET_RUN, out="gs://bucket/eval/out.json", mesh=_mesh())
+    assert res["val"]["top1"] == final["eval/top1"]
+    assert json.loads(paths.as_path("gs://bucket/eval/out.json").read_text())["val"]["top1"] == final["eval/top1"]
+    # convert to-torch from the bucket into the bucket; from-torch into the bucket: the same weights
+    exported = "gs://bucket/export/tiny.safetensors"
+    assert convert.main(["to-torch", "--checkpoint", f"{BUCKET_RUN}/checkpoints/6", "--out", exported]) == 0
+    assert convert.main(["from-torch", "--weights", bucket.local(exported), "--out", "gs://bucket/imported"]) == 0
+    np.testing.assert_array_equal(_params("gs://bucket/imported"), _params(BUCKET_RUN))
+    # diagnose --checkpoint gs://... --out gs://...
+    diagnose.main(["--model", "deit_small_patch16_224", "--checkpoint", BUCKET_RUN, "--data", "random",
+                   "--batch-size", "2", "--num-batches", "1", "--out", "gs://bucket/diag", "--no-progress"])
+    assert {"diagnostics.json", "measures_vs_depth.png"} <= set(os.listdir(bucket.local("gs://bucket/diag")))
 
 
 # ----------------------------------------------------------------------------- kills, SIGTERM, crash (main.py)

@@ -27,12 +27,12 @@ import argparse
 import ast
 import json
 import os
-import pathlib
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from vit_jax_fix import errors  # noqa: E402
+from vit_jax_fix import paths  # noqa: E402
 
 
 def parse_value(text: str):
@@ -126,7 +126,7 @@ def build_models(args) -> dict:
   for i, (spec, name, overrides) in enumerate(specs):
     kw = {**common, **overrides}
     ckpt = ckpts[i] if ckpts else None
-    label = spec if ckpt is None else f"{spec}@{pathlib.Path(ckpt).name}"
+    label = spec if ckpt is None else f"{spec}@{paths.as_path(ckpt).name}"
     model = (load_checkpoint_model(ckpt, name, **kw) if ckpt
              else create_model(name, seed=args.seed, **kw))
     entries.append((label, name, model))
@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
 
   cfg = D.DiagnosticsConfig(threshold=args.threshold, offset=args.offset, num_bands=args.bands,
                             diversity_include_prefix=not args.exclude_cls)
-  out = pathlib.Path(args.out)
+  out = paths.as_path(args.out)         # a local folder or gs://bucket/...
   out.mkdir(parents=True, exist_ok=True)
   models = build_models(args)
   results = {}
@@ -158,8 +158,8 @@ def main(argv=None) -> dict:
     res["data"] = args.data
     results[label] = res
   (out / "diagnostics.json").write_text(json.dumps(results, indent=1))
-  paths = D.plot_all(results, out)
-  print(f"wrote {out / 'diagnostics.json'} and {', '.join(p.name for p in paths.values())}", file=sys.stderr)
+  plots = D.plot_all(results, out)
+  print(f"wrote {out / 'diagnostics.json'} and {', '.join(p.name for p in plots.values())}", file=sys.stderr)
   fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
   for label, res in results.items():
     print(f"{label}: feature_diversity_rel last={fmt(res['feature_diversity_rel'][-1])} "

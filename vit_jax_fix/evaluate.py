@@ -53,6 +53,7 @@ import time  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
 from vit_jax_fix import errors  # noqa: E402
+from vit_jax_fix import paths  # noqa: E402
 from vit_jax_fix.train import cli  # noqa: E402
 
 SOURCES = ("checkpoint", "weights", "pretrained")
@@ -269,10 +270,9 @@ def run(config, *, checkpoint: str | None = None, weights: str | None = None, pr
     else:
       results.setdefault("keep_rates", {})[f"{rate:g}"] = res
   if out and jax.process_index() == 0:
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    with open(out, "w") as f:
-      json.dump(results, f, indent=2)
+    out_path = paths.as_path(out)       # local or gs://
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=2))
     printer(f"wrote {out}")
   return results
 

@@ -14,11 +14,13 @@ probe and a grey one at chance.
 from __future__ import annotations
 
 import math
-import pathlib
 from typing import Mapping
 
+from etils import epath
 from matplotlib.figure import Figure
 import numpy as np  # noqa: E402
+
+from vit_jax_fix import paths
 
 PANELS = (
     ("feature_diversity_rel", "token_depth", "feature diversity ||Z-1z^T||_F / ||Z||_F"),
@@ -38,7 +40,7 @@ def _safe(label: str) -> str:
   return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
-def plot_measures_vs_depth(results: Mapping[str, dict], path, *, title: str = "") -> pathlib.Path:
+def plot_measures_vs_depth(results: Mapping[str, dict], path, *, title: str = "") -> epath.Path:
   fig = Figure(figsize=(15, 8))
   axes = fig.subplots(2, 3)
   for ax, (key, depth_key, label) in zip(axes.ravel(), PANELS):
@@ -75,14 +77,16 @@ def _panel_grid(n: int, *, panel_height: float):
   return fig, axes
 
 
-def _save(fig, path) -> pathlib.Path:
+def _save(fig, path) -> epath.Path:
+  """The figure at `path` (format from the suffix), local or in a bucket: matplotlib writes into the file."""
   fig.tight_layout()
-  path = pathlib.Path(path)
-  fig.savefig(path, dpi=110)
+  path = paths.as_path(path)
+  with path.open("wb") as f:
+    fig.savefig(f, format=path.suffix[1:] or "png", dpi=110)
   return path
 
 
-def plot_attention_similarity(results: Mapping[str, dict], path, *, title: str = "") -> pathlib.Path:
+def plot_attention_similarity(results: Mapping[str, dict], path, *, title: str = "") -> epath.Path:
   fig, axes = _panel_grid(len(results), panel_height=4.2)
   for ax, (name, res) in zip(axes.ravel(), results.items()):
     mat = np.array([_arr(row) for row in res["attn_similarity"]]) if res["attn_similarity"] else np.zeros((0, 0))
@@ -97,7 +101,7 @@ def plot_attention_similarity(results: Mapping[str, dict], path, *, title: str =
   return _save(fig, path)
 
 
-def plot_hf_bands(results: Mapping[str, dict], path, *, title: str = "") -> pathlib.Path:
+def plot_hf_bands(results: Mapping[str, dict], path, *, title: str = "") -> epath.Path:
   fig, axes = _panel_grid(len(results), panel_height=3.6)
   for ax, (name, res) in zip(axes.ravel(), results.items()):
     bands = np.array([_arr(b) for b in res["hf_band_share"]])
@@ -114,7 +118,7 @@ def plot_hf_bands(results: Mapping[str, dict], path, *, title: str = "") -> path
 
 
 def plot_all(results: Mapping[str, dict], out_dir, *, suffix: str = "", title: str = "") -> dict:
-  out = pathlib.Path(out_dir)
+  out = paths.as_path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   return {
       "measures_vs_depth": plot_measures_vs_depth(results, out / f"measures_vs_depth{suffix}.png", title=title),

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from vit_jax_fix import errors
+from vit_jax_fix import paths
 
 PTH_SUFFIXES = (".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -205,16 +206,22 @@ def write_state_dict(path: str, state_dict: dict[str, np.ndarray], metadata: dic
   path = os.fspath(path)
   metadata = dict(metadata or {})
   arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in state_dict.items()}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  if path.endswith(SAFETENSORS_SUFFIXES):
-    from safetensors.numpy import save_file
-    save_file(arrays, path, metadata=encode_metadata(metadata))
-  elif path.endswith(PTH_SUFFIXES):
-    import torch
-    tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
-    torch.save({"state_dict": tensors, "metadata": _jsonable(metadata)}, path)
-  else:
+  if not path.endswith(SAFETENSORS_SUFFIXES + PTH_SUFFIXES):
     raise errors.ArgumentError(f"{path}: choose a .safetensors or .pth file name")
+  if path.endswith(SAFETENSORS_SUFFIXES):
+    from safetensors.numpy import save
+    data = save(arrays, metadata=encode_metadata(metadata))
+  else:
+    import io
+
+    import torch
+    buf = io.BytesIO()
+    torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
+                "metadata": _jsonable(metadata)}, buf)
+    data = buf.getvalue()
+  out = paths.as_path(path)             # local or gs://: the bytes are written through epath
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_bytes(data)
   return path
 
 

@@ -8,16 +8,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
 
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from vit_jax_fix import errors
+from vit_jax_fix import paths
 from vit_jax_fix.models import layout as param_layout
 from vit_jax_fix.train import config as config_lib
 
@@ -38,11 +39,11 @@ class ConfigMismatchError(errors.UsageError, ValueError):
   """A workdir written by a run with a different training config."""
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+def checkpoint_dir(workdir) -> epath.Path:
+  return paths.as_path(workdir) / "checkpoints"
 
 
-def manager(workdir: str, *, max_to_keep: int | None = 2, save_interval_steps: int = 1,
+def manager(workdir, *, max_to_keep: int | None = 2, save_interval_steps: int = 1,
             read_only: bool = False) -> ocp.CheckpointManager:
   opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=max(1, save_interval_steps),
                                       enable_async_checkpointing=not read_only, read_only=read_only,
@@ -89,18 +90,17 @@ def model_meta(name: str, model_kwargs: dict, *, num_classes: int, image_size: i
   return meta
 
 
-def _locate(path: str):
+def _locate(path):
   """(checkpoints dir root workdir, step) from a workdir, its checkpoints dir or one step dir."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  path = paths.as_path(path)
+  if (path / "checkpoints").is_dir():
     return path, None
-  if os.path.basename(path) == "checkpoints":
-    return os.path.dirname(path), None
-  parent = os.path.dirname(path)
-  if os.path.basename(parent) == "checkpoints" and os.path.basename(path).isdigit():
-    return os.path.dirname(parent), int(os.path.basename(path))
-  raise errors.MissingFileError(f"no checkpoint found at {path!r}: give a workdir, its 'checkpoints' folder, or "
-                          f"one step folder inside it.")
+  if path.name == "checkpoints":
+    return path.parent, None
+  if path.parent.name == "checkpoints" and path.name.isdigit():
+    return path.parent.parent, int(path.name)
+  raise errors.MissingFileError(f"no checkpoint found at {str(path)!r}: give a workdir, its 'checkpoints' folder, "
+                                f"or one step folder inside it.")
 
 
 def load_state_dicts(path: str, *, ema: bool = False):
@@ -112,7 +112,7 @@ def load_state_dicts(path: str, *, ema: bool = False):
   mngr = manager(workdir, max_to_keep=None, read_only=True)
   step = mngr.latest_step() if step is None else step
   if step is None:
-    raise errors.MissingFileError(f"no checkpoint under {checkpoint_dir(workdir)!r}")
+    raise errors.MissingFileError(f"no checkpoint under {str(checkpoint_dir(workdir))!r}")
   meta = read_meta(mngr, step)
   from vit_jax_fix.train.state import ModelDef
   model_def = ModelDef.create(meta["model_name"], param_layout=meta.get("param_layout") or "per_block",
@@ -171,7 +171,7 @@ def save_model(model, out_dir: str, *, name: str, overrides: dict | None = None,
     mngr.wait_until_finished()
   finally:
     mngr.close()
-  return os.path.join(checkpoint_dir(out_dir), str(step))
+  return str(checkpoint_dir(out_dir) / str(step))
 
 
 class _Manager(ocp.CheckpointManager):
@@ -238,17 +238,23 @@ def _preemption_sync_available() -> bool:
   return True
 
 
-def _atomic_write(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+def _atomic_write(path: epath.Path, text: str) -> None:
+  """Readers see the old file or the new one, never a torn one. Locally: write a temporary file, then rename it
+  over (atomic on POSIX). On object stores (gs://, s3://) one object write is already all-or-nothing, and a
+  'rename' is a copy plus a delete: write the object directly."""
+  if paths.is_uri(path):
+    path.write_text(text)
+    return
+  tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
+  tmp.write_text(text)
+  tmp.replace(path)
 
 
-def save_config(workdir: str, config) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  _atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-  _atomic_write(os.path.join(workdir, "config.py.txt"), str(config))
+def save_config(workdir, config) -> None:
+  workdir = paths.as_path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  _atomic_write(workdir / "config.json", config.to_json_best_effort(indent=2))
+  _atomic_write(workdir / "config.py.txt", str(config))
 
 
 # Keys that may change between a run and its resumption: they do not change what is trained (bookkeeping,
@@ -284,18 +290,17 @@ def config_differences(saved: dict, config) -> list[str]:
   return diffs
 
 
-def check_config_matches(workdir: str, config) -> None:
+def check_config_matches(workdir, config) -> None:
   """Refuses to resume a workdir whose saved config.json trains something else (ConfigMismatchError)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path) or not os.path.isdir(checkpoint_dir(workdir)):
+  path = paths.as_path(workdir) / "config.json"
+  if not path.is_file() or not checkpoint_dir(workdir).is_dir():
     return
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(path.read_text())
   diffs = config_differences(saved, config)
   if diffs:
     shown = "\n  ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else "")
     raise ConfigMismatchError(
-        f"refusing to resume {workdir!r}: it holds checkpoints of a run with a different config, and resuming "
+        f"refusing to resume {str(workdir)!r}: it holds checkpoints of a run with a different config, and resuming "
         f"would mix two trainings. Differences (saved in {path}):\n  {shown}\nUse a new --workdir for the new "
         f"config, or rerun with the workdir's values (e.g. --config.<key>=<saved value>). To fine-tune from "
         f"this run instead, set --config.init_from.path={workdir} with a new --workdir.")
@@ -310,9 +315,9 @@ def _shape_table(tree) -> dict:
   return {path_str(p): tuple(getattr(x, "shape", np.shape(x))) for p, x in leaves}
 
 
-def saved_shapes(step_dir: str) -> dict:
+def saved_shapes(step_dir) -> dict:
   """{'params/blocks/0/attn/qkv/kernel': shape, ...} of a step's saved state, from Orbax's metadata only."""
-  md = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state"))
+  md = ocp.StandardCheckpointer().metadata(epath.Path(step_dir) / "state")
   return _shape_table(md.item_metadata.tree)
 
 
@@ -337,14 +342,12 @@ def format_mismatch(source: str, lines: list[str], model: str, hint: str) -> str
           f"{hint}")
 
 
-def quarantine(workdir: str, step: int) -> str:
+def quarantine(workdir, step: int) -> epath.Path:
   """Moves a bad step directory to <workdir>/corrupt_checkpoints/<step>-<time> (kept for inspection)."""
-  src = os.path.join(checkpoint_dir(workdir), str(step))
-  dst_root = os.path.join(os.path.abspath(workdir), QUARANTINE)
-  os.makedirs(dst_root, exist_ok=True)
-  dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
-  shutil.move(src, dst)
-  return dst
+  src = checkpoint_dir(workdir) / str(step)
+  dst_root = paths.as_path(workdir) / QUARANTINE
+  dst_root.mkdir(parents=True, exist_ok=True)
+  return src.rename(dst_root / f"{step}-{int(time.time())}")
 
 
 def restore_latest_good(workdir: str, make_manager, abstract_state, *, model: str = ""):
@@ -363,7 +366,7 @@ def restore_latest_good(workdir: str, make_manager, abstract_state, *, model: st
   expected = _shape_table(abstract_state)
   bad = []
   for step in steps:
-    step_dir = os.path.join(checkpoint_dir(workdir), str(step))
+    step_dir = checkpoint_dir(workdir) / str(step)
     try:
       found = saved_shapes(step_dir)
     except Exception as e:  # noqa: BLE001 - unreadable metadata: treat the step as corrupt
@@ -390,7 +393,7 @@ def restore_latest_good(workdir: str, make_manager, abstract_state, *, model: st
            f"{str(err).splitlines()[0][:300] if str(err) else ''}); skipping it")
     log.warning(msg)
     print(f"WARNING: {msg}", flush=True)
-    bad.append(step_dir)
+    bad.append(str(step_dir))
     if jax.process_index() == 0:
       moved = quarantine(workdir, step)
       log.warning("moved %s to %s", step_dir, moved)
@@ -399,10 +402,9 @@ def restore_latest_good(workdir: str, make_manager, abstract_state, *, model: st
   mngr.close()
   raise NoUsableCheckpointError(
       f"none of the {len(bad)} checkpoint(s) in {checkpoint_dir(workdir)} could be restored: {bad} (moved to "
-      f"{os.path.join(os.path.abspath(workdir), QUARANTINE)}). Start again with a new --workdir, or rerun this "
+      f"{paths.as_path(workdir) / QUARANTINE}). Start again with a new --workdir, or rerun this "
       f"command to train from scratch in this workdir.")
 
 
-def dump_json(path: str, obj) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
+def dump_json(path, obj) -> None:
+  epath.Path(path).write_text(json.dumps(obj, indent=2))

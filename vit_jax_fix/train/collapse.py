@@ -16,24 +16,24 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 
 import jax
 from jax.experimental import multihost_utils
 
 from vit_jax_fix import data as data_lib
 from vit_jax_fix import diagnostics
+from vit_jax_fix import paths
 
 MAX_PLOTTED_STEPS = 8
 
 
 class TrainingDiagnostics:
 
-  def __init__(self, setup, workdir: str):
+  def __init__(self, setup, workdir):
     dg = setup.config.diagnostics
     self.setup = setup
     self.every_steps = int(dg.every_steps)
-    self.out_dir = os.path.join(workdir, "diagnostics")
+    self.out_dir = paths.as_path(workdir) / "diagnostics"
     data_cfg = setup.config.data.copy_and_resolve_references()
     data_cfg.cache = False       # only the first batches are read: no partial tf.data cache (and its warning)
     batches = data_lib.build_eval_iterator(data_cfg, global_batch_size=int(dg.batch_size) *
@@ -55,16 +55,16 @@ class TrainingDiagnostics:
     model = self.setup.model_def.model(params, stats, train=False)
     result = self.hook(step, model, writer)
     if jax.process_index() == 0:
-      os.makedirs(self.out_dir, exist_ok=True)
-      with open(os.path.join(self.out_dir, f"step_{step}.json"), "w") as f:
-        json.dump(result, f)
+      self.out_dir.mkdir(parents=True, exist_ok=True)
+      (self.out_dir / f"step_{step}.json").write_text(json.dumps(result))
       self._plot()
     return result
 
   def logged_steps(self) -> list[int]:
-    if not os.path.isdir(self.out_dir):
+    if not self.out_dir.is_dir():
       return []
-    return sorted(int(f[5:-5]) for f in os.listdir(self.out_dir) if f.startswith("step_") and f.endswith(".json"))
+    return sorted(int(f.name[5:-5]) for f in self.out_dir.iterdir()
+                  if f.name.startswith("step_") and f.name.endswith(".json"))
 
   def _plot(self):
     steps = self.logged_steps()
@@ -73,6 +73,5 @@ class TrainingDiagnostics:
       steps = [steps[i] for i in idx]
     results = {}
     for s in steps:
-      with open(os.path.join(self.out_dir, f"step_{s}.json")) as f:
-        results[f"step {s}"] = json.load(f)
+      results[f"step {s}"] = json.loads((self.out_dir / f"step_{s}.json").read_text())
     diagnostics.plot_all(results, self.out_dir, title=f"{self.setup.model_def.name}: collapse measures over training")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from typing import NamedTuple
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from vit_jax_fix import data as data_lib
 from vit_jax_fix import errors
+from vit_jax_fix import paths
 from vit_jax_fix.models import keep_rate as keep_rate_lib
 from vit_jax_fix.models import registry
 from vit_jax_fix.train import checkpoint as ckpt
@@ -256,7 +256,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   data position), so an interrupted run ends bit-identical to an uninterrupted one; a finished workdir is not
   trained again.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = paths.as_path(workdir)      # local or gs://: every workdir file goes through epath
   setup = Setup(config, mesh)
   mngr, state, latest = _open_checkpoints(setup, workdir)
   writer = metrics_lib.MetricWriter(workdir)
@@ -288,7 +288,7 @@ def _open_checkpoints(setup, workdir: str):
   checking that the workdir's saved config trains the same run; the config is saved next to them."""
   c = setup.config
   ckpt.check_config_matches(workdir, c)
-  os.makedirs(workdir, exist_ok=True)      # before the manager, as it always was (Orbax expects the root)
+  workdir.mkdir(parents=True, exist_ok=True)      # before the manager, as it always was (Orbax expects the root)
   make_manager = functools.partial(ckpt.manager, workdir, max_to_keep=int(c.max_to_keep) or None)
   mngr, state, latest = ckpt.restore_latest_good(workdir, make_manager, setup.abstract_with_shardings(),
                                                  model=f"{setup.model_def.name} {setup.model_def.kwargs}")
@@ -363,7 +363,7 @@ def _train(setup, state, step: int, workdir: str, latest, mngr, writer, preempte
       if collapse_diag is not None:
         collapse_diag(step, state, writer)
       if due.save:
-        ckpt.save(mngr, step, state, setup.meta(), force=True)
+        _save(mngr, writer, step, state, setup.meta())
         monitor.saved(step)
       if preempted and not due.last:
         return _preempted(mngr, step)
@@ -404,6 +404,16 @@ def _evaluate(setup, state, writer, bar, step: int) -> tuple[dict, dict]:
   if bar is not None:
     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)))
   return final, state
+
+
+def _save(mngr, writer, step: int, state, meta: dict) -> None:
+  """Starts the (async) checkpoint of `step`. Logs how long it held the training loop: copying the arrays off
+  the devices, plus waiting for the previous save still being written (a slow bucket shows here)."""
+  start = time.perf_counter()
+  ckpt.save(mngr, step, state, meta, force=True)
+  blocked = time.perf_counter() - start
+  logging.info("checkpoint of step %d: the save blocked training for %.3f s", step, blocked)
+  writer.write_scalars(step, {"checkpoint/blocking_s": blocked})
 
 
 def _preempted(mngr, step: int) -> dict:

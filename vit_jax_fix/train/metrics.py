@@ -1,13 +1,18 @@
 """Metric writers: one JSON object per log step in ``<workdir>/metrics.jsonl`` and TensorBoard event files
-(``tf.summary``) in ``<workdir>/tensorboard``. Only process 0 writes."""
+(``tf.summary``) in ``<workdir>/tensorboard``. Only process 0 writes. The workdir may be a bucket (gs://): the
+JSON file is appended to through `etils.epath`, opened for each row (a bucket object is rewritten whole at each
+append: fine for a row every few seconds; tf.io.gfile files only exist inside a `with`), and TensorFlow writes
+gs:// event files itself."""
 from __future__ import annotations
 
 import json
 import math
-import os
 
+from etils import epath
 import jax
 import numpy as np
+
+from vit_jax_fix import paths
 
 
 def _scalar(v):
@@ -25,25 +30,25 @@ def _tb_scalar(tf, name, value):
 class MetricWriter:
   """write_scalars(step, {'train/loss': ...}) -> a JSON line and TensorBoard scalars."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  def __init__(self, workdir, *, tensorboard: bool = True):
     self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    workdir = paths.as_path(workdir)
+    self.path = workdir / "metrics.jsonl"
     self._tb = None
     if self.active:
-      os.makedirs(workdir, exist_ok=True)
-      self._file = open(self.path, "a")
+      workdir.mkdir(parents=True, exist_ok=True)
       if tensorboard:
         import tensorflow as tf
-        self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+        self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if not self.active:
       return
     row = {"step": int(step)}
     row.update({k: _scalar(v) for k, v in scalars.items()})
-    self._file.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                 for k, v in row.items()}) + "\n")
-    self._file.flush()
+    line = json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+    with self.path.open("a") as f:
+      f.write(line + "\n")
     if self._tb is not None:
       import tensorflow as tf
       with self._tb.as_default(step=int(step)):
@@ -53,14 +58,12 @@ class MetricWriter:
       self._tb.flush()
 
   def close(self):
-    if self.active:
-      self._file.close()
-      if self._tb is not None:
-        self._tb.close()
+    if self._tb is not None:
+      self._tb.close()
 
 
-def read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
+def read_jsonl(path) -> list[dict]:
+  path = epath.Path(path)
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 
+from etils import epath
 import numpy as np
 
 from vit_jax_fix import errors
@@ -66,7 +66,7 @@ class TrainMonitor:
   def good_checkpoint(self) -> str:
     if self.last_good is None:
       return "none yet (the run would restart from scratch)"
-    return f"step {self.last_good} at {os.path.join(self.checkpoint_dir, str(self.last_good))}"
+    return f"step {self.last_good} at {epath.Path(self.checkpoint_dir) / str(self.last_good)}"
 
   def check(self, metrics: dict, at: int) -> dict:
     """Host floats of one step's metrics, without its non-finite values ('skip'); raises per the policy."""
