@@ -137,6 +137,24 @@ def deepvit(depth: int, arg: str):
   return finish(c, arg)
 
 
+def finetune_demo(c, model_overrides=None, *, image_size: int, source: str, epochs: float = 3.0,
+                  lr: float = 2e-4):
+  """The CPU demo of a fine-tuning config: the demo model (DEMO_MODEL + `model_overrides`) initialised from
+  `source` -- the workdir of a from-scratch demo, trained at 28 px: run that demo first -- and fine-tuned on
+  the embedded MNIST-5k at `image_size` (pos_embed resized when the grid differs). The config's transfer keys
+  (layer decay, freezing, train mode, head re-initialisation) are kept; AdamW at `lr`, half an epoch of
+  warm-up."""
+  kept = dict(layer_decay=c.optimizer.layer_decay, freeze=c.optimizer.freeze, train_mode=c.train_mode,
+              reinit_head=c.init_from.reinit_head)
+  c = demo(c, dict(model_overrides or {}, img_size=image_size), epochs=epochs)
+  c.optimizer.layer_decay, c.optimizer.freeze = kept["layer_decay"], kept["freeze"]
+  c.train_mode, c.init_from.reinit_head = kept["train_mode"], kept["reinit_head"]
+  c.init_from.path, c.init_from.pretrained = source, False
+  c.optimizer.lr = lr
+  c.schedule.warmup_epochs = 0.5
+  return c
+
+
 def deit_distillation(c):
   """DeiT's hard distillation (main.py --distillation-type hard, alpha 0.5, tau 1) from RegNetY-16GF with DeiT's
   released weights (regnety_160-a5fe301d.pth, the zoo's file)."""
