@@ -35,6 +35,12 @@ def make_mixer(mix_kwargs: dict, mesh=None):
                        out_specs=(shard_lib.BATCH_SPEC, shard_lib.BATCH_SPEC))
 
 
+def step_keys(state):
+  """(mixup key, dropout / drop-path key) of the micro-step the state is at: the run's key folded with the step
+  (the recipe parity tests read the mixup lambda the step draws from it)."""
+  return jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"]))
+
+
 def make_train_step(model_def, tx, *, loss: str, mix_kwargs: dict, ema_decay: float, lr_schedule,
                     train_mode: bool = True, grad_accum_steps: int = 1, skip_nonfinite: bool = False,
                     nan_at_step: int = -1, mix_mesh=None, frozen: dict | None = None,
@@ -55,8 +61,7 @@ def make_train_step(model_def, tx, *, loss: str, mix_kwargs: dict, ema_decay: fl
   mix = make_mixer(mix_kwargs, mix_mesh)
 
   def train_step(state, batch, teacher=None):
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    k_mix, k_drop = jax.random.split(step_key)
+    k_mix, k_drop = step_keys(state)
     images, targets = mix(k_mix, batch["image"], batch["label"])
     z_teacher = teacher_logits(teacher, images) if teacher_logits is not None else None
 
