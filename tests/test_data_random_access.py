@@ -56,6 +56,7 @@ def _cfg(data_dir, **kw):
   c.data_dir = data_dir
   c.image_size = 8
   c.shuffle_buffer = 50
+  c.rand_augment = ""  # DeiT's crop, flip, colour jitter and erasing, keyed by position; RandAugment only adds tracing
   for k, v in kw.items():
     c[k] = v
   return c
@@ -85,7 +86,7 @@ def test_late_resume_reads_from_the_position_on_and_matches_tfrecord(prepared, r
   offset = start * BATCH
   with caplog.at_level(logging.INFO, logger=pipeline.__name__):
     it = data.build_train_iterator(_cfg(prepared["array_record"]), start_step=start, **kw)
-    got = [next(it) for _ in range(4)]
+    got = [next(it) for _ in range(3)]
   assert any("random access" in r.message for r in caplog.records)
   # Every read is a chunk of the stream from the position on (the rest of epoch 0, then epoch 1 ...): the
   # records before it were never asked for.
@@ -101,7 +102,7 @@ def test_late_resume_reads_from_the_position_on_and_matches_tfrecord(prepared, r
   assert not {tuple(idx.tolist()) for idx, _ in before} & set(reads)
   with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
     it = data.build_train_iterator(_cfg(prepared["tfrecord"]), start_step=start, **kw)
-    want = [next(it) for _ in range(4)]
+    want = [next(it) for _ in range(3)]
   assert any("stored as tfrecord" in r.message for r in caplog.records)
   for g, w in zip(got, want):
     np.testing.assert_array_equal(g["image"], w["image"])

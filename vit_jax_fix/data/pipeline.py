@@ -199,16 +199,17 @@ def _process(process_index, process_count):
 def _read(builder, split, cfg):
   """Encoded (image bytes, label) pairs of one split, in a fixed order; decoding is left to the pipeline."""
   sources.check_readable(builder)
-  if sources.random_access(builder) and "tfrecord" not in {f.value for f in builder.info.available_file_formats()}:
+  if sources.random_access(builder) and "tfrecord" not in sources.file_formats(builder):
     # array_record only: as_dataset cannot read it, so read every index in order.
     reader = sources.RecordReader(builder, split, cfg.image_key)
     n = len(reader)
     chunks = tf.data.Dataset.range(0, n, READ_CHUNK).map(lambda a: tf.range(a, tf.minimum(a + READ_CHUNK, n)))
-    return _read_indices(chunks, reader, cfg)
-  read_config = tfds.ReadConfig(try_autocache=False, shuffle_seed=None)
-  ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
-                          decoders={cfg.image_key: tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: (ex[cfg.image_key], tf.cast(ex[cfg.label_key], tf.int32)))
+    ds = _read_indices(chunks, reader, cfg)
+  else:
+    read_config = tfds.ReadConfig(try_autocache=False, shuffle_seed=None)
+    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
+                            decoders={cfg.image_key: tfds.decode.SkipDecoding()})
+    ds = ds.map(lambda ex: (ex[cfg.image_key], tf.cast(ex[cfg.label_key], tf.int32)))
   return ds.cache() if cfg.cache else ds
 
 

@@ -234,16 +234,22 @@ def prepare_file_format(file_format: str | None) -> str:
   return fmt
 
 
+def file_formats(builder) -> set[str]:
+  """The file formats `builder`'s data is stored in ('tfrecord', 'array_record', ...)."""
+  formats = {f.value for f in builder.info.available_file_formats()}
+  if builder.info.file_format is not None:
+    formats.add(builder.info.file_format.value)
+  return formats
+
+
 def random_access(builder) -> bool:
   """Whether `builder`'s records can be read by index: prepared as array_record and the package importable."""
-  formats = {f.value for f in builder.info.available_file_formats()} or {str(builder.info.file_format)}
-  return "array_record" in formats and has_array_record()
+  return "array_record" in file_formats(builder) and has_array_record()
 
 
 def check_readable(builder) -> None:
   """Raises DataSourceError when the records can be read neither in file order nor by index."""
-  formats = {f.value for f in builder.info.available_file_formats()}
-  if formats == {"array_record"} and not has_array_record():
+  if file_formats(builder) == {"array_record"} and not has_array_record():
     raise DataSourceError(
         f"Dataset {builder.name!r} in {builder.data_dir!r} is stored as array_record only, which needs the "
         "array_record package to be read: pip install array_record (or prepare it as tfrecord).")
