@@ -301,3 +301,21 @@ def test_recipe_trajectory(name, monkeypatch):
   for step, (params, ema, key, loss) in enumerate(errors, 1):
     assert params <= TOL and ema <= TOL and loss <= 1e-5, (
         f"{name} update {step}: parameters {params:.2g} (worst {key}), EMA {ema:.2g}, loss {loss:.2g} off")
+
+
+def test_smoothing_without_mixup_is_label_smoothing_cross_entropy():
+  """With mixup and CutMix off, DeiT's main.py trains with timm's LabelSmoothingCrossEntropy instead of
+  SoftTargetCrossEntropy: our soft-target loss on the mixer's smoothed one-hot targets is the same loss."""
+  from timm.loss import LabelSmoothingCrossEntropy
+  from vit_jax_fix.data import mixup_cutmix
+  from vit_jax_fix.train import losses
+  rng = np.random.default_rng(0)
+  logits = (3 * rng.standard_normal((BATCH, NUM_CLASSES))).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, BATCH)
+  _, targets = mixup_cutmix(jax.random.key(0), np.zeros((BATCH, 4, 4, 3), np.float32), labels,
+                            num_classes=NUM_CLASSES, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.1)
+  ours = float(losses.loss_fn("softmax_ce")(logits, targets))
+  theirs = float(LabelSmoothingCrossEntropy(0.1)(torch.from_numpy(logits), torch.from_numpy(labels)))
+  assert ours == pytest.approx(theirs, rel=1e-6)
+  assert ours != pytest.approx(float(torch.nn.functional.cross_entropy(torch.from_numpy(logits),
+                                                                        torch.from_numpy(labels))), rel=1e-3)
