@@ -16,7 +16,10 @@ the lambda our step draws (read from its key with `steps.step_keys`; timm's Mixu
 only, as CutMix boxes are drawn from another generator). Drop-path is 0 (the two frameworks' random streams
 differ). After every update the parameters, BatchNorm statistics and EMA (both exported to torch keys) must
 agree to a tolerance that float32 reordering allows and a real difference exceeds (TOL below, measured).
-The EMA decay is 0.9 instead of 0.99996 so that 20 updates move it; the formula is the same.
+The parts of parameters without gradient in exact arithmetic (`zero_gradient_parts`) are copied from ours to
+torch after each update instead of compared. The EMA decay is 0.9 instead of 0.99996 so that 20 updates move
+it; the formula is the same. Known and below every tolerance: BatchNorm's running variance follows the biased
+batch variance here, the unbiased one in torch (a factor n / (n - 1), n = batch x tokens x tokens).
 """
 from __future__ import annotations
 
