@@ -151,6 +151,16 @@ def test_stop_early_runs_no_block_after_the_last_requested():
       np.testing.assert_allclose(m.reshape(2, 16, 64), inter["tokens"][i][:, 1:], atol=1e-5)
 
 
+def test_stop_early_in_training_advances_only_the_blocks_it_ran():
+  # Dropout's RNG counters are state a block changes: a part of a stack writes back its own rows only.
+  model = layout.with_param_layout(testing.random_model(CASES["deit"][0], **dict(TINY, depth=4, drop_rate=0.1)),
+                                   "stacked")
+  model.train()
+  nnx.jit(lambda m, x: m.forward_intermediates(x, [0, 2]))(model, jnp.ones((2, 32, 32, 3)))
+  counts = model.block_stacks[0].mlp.drop.rngs.count.get_value()
+  np.testing.assert_array_equal(counts, [2, 2, 2, 0])     # two dropouts per MLP; block 3 never ran
+
+
 def test_prune_intermediate_layers_keeps_the_outputs():
   model = layout.with_param_layout(testing.random_model(CASES["deit"][0], **dict(TINY, depth=4)), "stacked")
   model.eval()
