@@ -18,7 +18,8 @@ Which kernel runs (`implementation_for`): the explicit form above whenever the m
 heads, re-attention, attention dropout in training, maps asked for by diagnostics or return_intermediates);
 otherwise `jax.nn.dot_product_attention` with `implementation` from `AUTO_IMPL` per backend (None: jax's
 choice, which in jax 0.10 is its XLA form; 'xla'; 'cudnn': cuDNN's flash kernel, taken only where its
-constraints hold, else 'xla'). EViT's reorganising blocks need only the class token's row of A: it is
+constraints hold, else 'xla'), refined per call site by `SITE_IMPL` (on CPU, EViT's reorganising blocks,
+Shunted and CaiT's class attention keep the explicit form, measured faster there). EViT's reorganising blocks need only the class token's row of A: it is
 computed on its own (one softmax row per head, q_cls K^T), and the output still comes from the fused kernel.
 Details and the cuDNN constraints: docs/models.md, "Attention kernels".
 """
@@ -40,8 +41,15 @@ IMPLEMENTATIONS = (None, "xla", "cudnn", "explicit")
 # choose (its XLA form in jax 0.10); 'explicit' builds the map even where no fix needs it. Measure with
 # benchmarks/device_check.py and set the backend's entry from its fused-vs-explicit table (benchmarks/README.md);
 # backends without an entry get None. Only CPU has been measured (DeiT-S train step: fused XLA form 1.93 s,
-# explicit 2.02 s; benchmarks/README.md).
+# explicit 2.02 s; benchmarks/README.md); SITE_IMPL refines it per call site.
 AUTO_IMPL: dict[str, str | None] = {"cpu": None}
+# Per (backend, call site), where a measurement chose otherwise than AUTO_IMPL. Sites: 'attention' (the ViT
+# block), 'evit' (a reorganising block: fused output + the class-token row), 'shunted' (per head group),
+# 'class_attention' (CaiT, one query). On CPU the explicit form stays where it measured faster (interleaved
+# train steps, benchmarks/README.md: EViT-S 0.7 fused 1.10x the explicit step's CPU time, Shunted-T 2.0x;
+# CaiT's single row gains nothing from a kernel).
+SITE_IMPL: dict[tuple[str, str], str | None] = {
+    ("cpu", "evit"): "explicit", ("cpu", "shunted"): "explicit", ("cpu", "class_attention"): "explicit"}
 _FORCED: list = []
 
 
@@ -67,10 +75,12 @@ def cudnn_supported(dtype, head_dim: int) -> bool:
           and head_dim % 8 == 0 and head_dim <= 128)
 
 
-def implementation_for(dtype, head_dim: int):
-  """The kernel a fused-capable attention with q/k/v of `dtype` gets: 'explicit', None, 'xla' or 'cudnn'
-  (a 'cudnn' choice whose constraints do not hold falls back to 'xla', as no error can be caught at trace time)."""
-  impl = _FORCED[-1] if _FORCED else AUTO_IMPL.get(jax.default_backend())
+def implementation_for(dtype, head_dim: int, site: str = "attention"):
+  """The kernel a fused-capable attention (call site `site`, see SITE_IMPL) with q/k/v of `dtype` gets:
+  'explicit', None, 'xla' or 'cudnn' (a 'cudnn' choice whose constraints do not hold falls back to 'xla', as no
+  error can be caught at trace time). use_implementation overrides both tables."""
+  backend = jax.default_backend()
+  impl = _FORCED[-1] if _FORCED else SITE_IMPL.get((backend, site), AUTO_IMPL.get(backend))
   if impl == "cudnn" and not cudnn_supported(dtype, head_dim):
     return "xla"
   return impl
@@ -183,7 +193,8 @@ class Attention(nnx.Module):
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]          # (B, N, H, Dh)
     lamb = None if self.lamb is None else self.lamb[...]
-    impl = "explicit" if (return_map or self.needs_map()) else implementation_for(q.dtype, self.head_dim)
+    impl = ("explicit" if (return_map or self.needs_map())
+            else implementation_for(q.dtype, self.head_dim, "evit" if cls_row else "attention"))
 
     if impl != "explicit":
       # Fused path: no map is materialised by the caller's code (XLA or cuDNN picks the kernel).
@@ -230,15 +241,15 @@ class ClassAttention(nnx.Module):
 
   def __call__(self, u, *, return_map: bool = True):
     """u: (B, 1 + N, D) normalised [cls, patches]. Returns the class token update (B, 1, D) and the map
-    (B, H, 1, 1 + N) float32. With return_map=False the fused kernel runs (map None) where AUTO_IMPL or
-    use_implementation names one ('xla', 'cudnn'): with a single query the map is no larger than the output,
-    so only a kernel that gains on its own (cuDNN) is worth it, and None keeps the explicit form here."""
+    (B, H, 1, 1 + N) float32, or None with return_map=False where the fused kernel runs (SITE_IMPL /
+    AUTO_IMPL; with a single query the map is no larger than the output, so only a kernel that gains on
+    its own, cuDNN, is expected to help)."""
     b, n, d = u.shape
     q = self.q(u[:, :1]).reshape(b, 1, self.num_heads, self.head_dim)
     k = self.k(u).reshape(b, n, self.num_heads, self.head_dim)
     v = self.v(u).reshape(b, n, self.num_heads, self.head_dim)
-    impl = None if return_map else implementation_for(q.dtype, self.head_dim)
-    if impl is not None and impl != "explicit":
+    impl = "explicit" if return_map else implementation_for(q.dtype, self.head_dim, "class_attention")
+    if impl != "explicit":
       out = fused_attention(q, k, v, self.scale, impl)
       return self.proj(out.reshape(b, 1, d)), None
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * self.scale, k, precision=self.precision)

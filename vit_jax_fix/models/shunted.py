@@ -159,7 +159,7 @@ class ShuntedAttention(nnx.Module):
     for and no active attention dropout, the fused kernel of `attention.implementation_for` computes out
     (one call per head group) and probs is None."""
     impl = ("explicit" if return_map or attention.drop_active(self.attn_drop)
-            else attention.implementation_for(q.dtype, self.head_dim))
+            else attention.implementation_for(q.dtype, self.head_dim, "shunted"))
     if impl != "explicit":
       out = attention.fused_attention(q, k, v, self.scale, impl)
       b, n, h, d = out.shape
