@@ -51,20 +51,25 @@ def main(argv=None):
   p.add_argument("--epochs", type=float, default=15.0, help="epochs of each run (the demos' default)")
   p.add_argument("--student-depth", type=int, default=3, help="the student's depth (teacher: the demo's 6)")
   p.add_argument("--data-dir", default="", help="where the demo set is prepared (default: the data config's)")
+  p.add_argument("--distillation", default="hard", choices=("hard", "soft", "none"),
+                 help="'none': the same student trained on the labels alone (the baseline agreement)")
+  p.add_argument("--teacher-dir", default="", help="reuse this trained teacher workdir instead of training one")
   a = p.parse_args(argv)
   from configs import common, deit_s, deit_s_distilled
   from vit_jax_fix.train import loop
   os.makedirs(a.out, exist_ok=True)
-  teacher_dir, student_dir = os.path.join(a.out, "teacher"), os.path.join(a.out, "student")
-  result = {"epochs": a.epochs, "teacher": dict(common.DEMO_MODEL), "student_depth": a.student_depth}
+  teacher_dir, student_dir = a.teacher_dir or os.path.join(a.out, "teacher"), os.path.join(a.out, "student")
+  result = {"epochs": a.epochs, "teacher": dict(common.DEMO_MODEL), "student_depth": a.student_depth,
+            "distillation": a.distillation}
 
   c = deit_s.get_config("demo")
   c.num_epochs, c.progress_bar = a.epochs, False
   if a.data_dir:
     c.data.data_dir = a.data_dir
-  t0 = time.time()
-  result["teacher_final"] = loop.train_and_evaluate(c, teacher_dir)
-  result["teacher_seconds"] = round(time.time() - t0)
+  if not a.teacher_dir:
+    t0 = time.time()
+    result["teacher_final"] = loop.train_and_evaluate(c, teacher_dir)
+    result["teacher_seconds"] = round(time.time() - t0)
 
   s = deit_s_distilled.get_config("demo")
   s.num_epochs, s.progress_bar = a.epochs, False
@@ -72,6 +77,7 @@ def main(argv=None):
   if a.data_dir:
     s.data.data_dir = a.data_dir
   d = s.distillation
+  d.type = a.distillation
   d.teacher, d.teacher_overrides, d.teacher_weights = "deit_small_patch16_224", dict(common.DEMO_MODEL), teacher_dir
   t0 = time.time()
   result["student_final"] = loop.train_and_evaluate(s, student_dir)
