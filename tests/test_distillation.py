@@ -164,3 +164,28 @@ def test_distilled_demo_config_trains(demo_data_dir, tmp_path):
   assert 0.0 <= final["eval/top1"] <= 1.0
   losses = [r["train/loss"] for r in metrics.read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
   assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
+def test_trainer_eval_graph_averages_the_heads_and_config_errors():
+  """The trainer's eval step (and `python -m vit_jax_fix.evaluate`) merge the eval graph: the heads' mean."""
+  import jax.numpy as jnp
+  from vit_jax_fix.errors import ConfigError
+  from vit_jax_fix.train import config as C, state as state_lib
+  md = state_lib.ModelDef.create("deit_tiny_distilled_patch16_224", **dict(TINY, embed_dim=32, num_heads=2, depth=1))
+  params, stats = md.init(0)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+  z_cls, z_dist = md.merge(params, stats, train=True)(x)
+  np.testing.assert_allclose(md.merge(params, stats, train=False)(x), (z_cls + z_dist) / 2, atol=1e-6)
+  c = C.base_config()
+  c.distillation.type = "hard"
+  with pytest.raises(ConfigError, match="distillation.teacher is empty"):
+    C.validate(c)
+  c.distillation.teacher = "deit_tiny_patch16_224"       # the zoo has its weights
+  c.distillation.teacher_weights = ""
+  C.validate(c)                                          # DeiT-Ti has released weights: fine
+  c.distillation.teacher = "augvit_small"
+  with pytest.raises(ConfigError, match="no released weights"):
+    C.validate(c)
+  c.distillation.type = "medium"
+  with pytest.raises(ConfigError, match="distillation.type"):
+    C.validate(c)
