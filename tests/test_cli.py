@@ -53,12 +53,21 @@ def test_other_sections_stay_strict(flag, message, monkeypatch):
     parse(DEMO + [flag], monkeypatch)
 
 
+@pytest.mark.parametrize("value, expected", [("True", True), ("False", False), ("auto", "auto")])
+def test_reinit_head_flag_gives_a_bool(value, expected, monkeypatch):
+  """A str-typed key turned `--config.init_from.reinit_head=True` into the string 'True', which fine-tuning read
+  as False (keep the source head)."""
+  config = parse(DEMO + [f"--config.init_from.reinit_head={value}"], monkeypatch)
+  assert config.init_from.reinit_head is expected if expected != "auto" else config.init_from.reinit_head == "auto"
+
+
 @pytest.mark.parametrize("argv, error, message", [
     (["--config", "configs/deit_s.py:nope", "--workdir", "W"], errors.ConfigError, "unknown config argument 'nope'"),
     (["--config", "configs/missing.py", "--workdir", "W"], errors.UsageError, "could not be loaded"),
     (["--config", "configs/deit_s.py:demo"], errors.UsageError, "--workdir must have a value"),
     (DEMO + ["--config.batch_size=abc"], errors.UsageError, "batch_size=abc"),
     (DEMO + ["--config.optimizer.name=adam"], errors.ConfigError, "use 'adamw' or 'lamb'"),
+    (DEMO + ["--config.init_from.reinit_head=maybe"], errors.ConfigError, "reinit_head='maybe'"),
 ])
 def test_usage_errors_are_one_line_messages(argv, error, message, monkeypatch):
   with pytest.raises(error, match=message) as e:

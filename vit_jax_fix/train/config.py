@@ -151,7 +151,9 @@ def base_config() -> ConfigDict:
   c.init_from.pretrained = False            # True: the authors' weights of model.name (registry table, cached)
   c.init_from.layout = "official"           # torch key layout: 'official' | 'timm' | 'auto' (detected)
   c.init_from.ema = False                   # take the EMA weights of a checkpoint / state_dict_ema
-  c.init_from.reinit_head = "auto"          # 'auto' (when the class count differs) | True | False
+  # 'auto' (a new head when the class count differs) | True | False; typed object so that a config file and
+  # --config.init_from.reinit_head=True both give a bool (a str field would turn the flag into the string 'True').
+  c.init_from.reinit_head = ml_collections.FieldReference("auto", field_type=object)
   c.evals = ("val",)                        # python -m vit_jax_fix.evaluate: ('val', 'real', 'v2')
   c.log_every_steps = 50
   c.eval_every_steps = -1                   # -1: once per epoch; 0: only at the end
@@ -241,6 +243,9 @@ def validate(config) -> None:
     raise ConfigError(f"config.schedule.cooldown_epochs={config.schedule.cooldown_epochs} must be >= 0.")
   if not 0.0 <= config.optimizer.layer_decay <= 1.0:
     raise ConfigError(f"config.optimizer.layer_decay={config.optimizer.layer_decay} must be in [0, 1] (0 = off).")
+  if config.init_from.reinit_head not in (True, False, "auto"):
+    raise ConfigError(f"config.init_from.reinit_head={config.init_from.reinit_head!r}: use 'auto' (a new head when "
+                      "the class count differs), True or False.")
   if not 0.0 <= config.ema.decay < 1.0:
     raise ConfigError(f"config.ema.decay={config.ema.decay} must be in [0, 1).")
   if config.nonfinite_policy not in ("stop", "skip"):
