@@ -19,8 +19,9 @@ heads, re-attention, attention dropout in training, maps asked for by diagnostic
 otherwise `jax.nn.dot_product_attention` with `implementation` from `AUTO_IMPL` per backend (None: jax's
 choice, which in jax 0.10 is its XLA form; 'xla'; 'cudnn': cuDNN's flash kernel, taken only where its
 constraints hold, else 'xla'), refined per call site by `SITE_IMPL` (on CPU, EViT's reorganising blocks,
-Shunted and CaiT's class attention keep the explicit form, measured faster there). EViT's reorganising blocks need only the class token's row of A: it is
-computed on its own (one softmax row per head, q_cls K^T), and the output still comes from the fused kernel.
+Shunted and CaiT's class attention keep the explicit form, measured faster there). EViT's reorganising
+blocks need only the class token's row of A: on the fused path it is computed on its own (one softmax row per
+head, q_cls K^T), and the output still comes from the fused kernel.
 Details and the cuDNN constraints: docs/models.md, "Attention kernels".
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ AUTO_IMPL: dict[str, str | None] = {"cpu": None}
 # Per (backend, call site), where a measurement chose otherwise than AUTO_IMPL. Sites: 'attention' (the ViT
 # block), 'evit' (a reorganising block: fused output + the class-token row), 'shunted' (per head group),
 # 'class_attention' (CaiT, one query). On CPU the explicit form stays where it measured faster (interleaved
-# train steps, benchmarks/README.md: EViT-S 0.7 fused 1.10x the explicit step's CPU time, Shunted-T 2.0x;
+# train steps, benchmarks/README.md: EViT-S 0.7 fused 1.02-1.10x the explicit step's CPU time, Shunted-T 1.5-2.0x;
 # CaiT's single row gains nothing from a kernel).
 SITE_IMPL: dict[tuple[str, str], str | None] = {
     ("cpu", "evit"): "explicit", ("cpu", "shunted"): "explicit", ("cpu", "class_attention"): "explicit"}
