@@ -22,7 +22,7 @@ What it measures, on the first device of `jax.devices()`, each configuration in 
 
 How to read the results into the code's defaults (per backend, `jax.default_backend()`): see
 benchmarks/README.md ("Device check"): `vit_jax_fix.models.attention.AUTO_IMPL` and
-`vit_jax_fix.models.shortcuts.AUTO_IMPL`. A time budget (`--budget-s`, default 420 s) skips what would not
+`vit_jax_fix.models.shortcuts.AUTO_IMPL`. A time budget (`--budget-s`, default 400 s) skips what would not
 finish; results (JSON + Markdown) are written after every configuration, so a cut run still reports.
 """
 from __future__ import annotations
@@ -100,15 +100,18 @@ def plan(smoke: bool, backend: str) -> list[dict]:
             dict(section="attention", model="evit_0.7", dtype="fp32", impl="explicit", what=fwd),
             dict(section="attention", model="evit_0.7", dtype="fp32", impl="xla", what=fwd),
             *[dict(section="circulant", model="augvit", dtype="fp32", circulant=c, what=fwd) for c in ("fft", "dense")]]
-  out = [dict(section="throughput", model=m, dtype=d)
-         for m, d in (("deit", "bf16"), ("deit", "fp32"), ("evit_0.7", "bf16"), ("shunted_t", "bf16"),
-                      ("shunted_t", "fp32"), ("evit_0.7", "fp32"), ("cait_xxs24", "bf16"), ("cait_xxs24", "fp32"))]
-  for m in ("deit", "shunted_t", "evit_0.7"):
-    out += [dict(section="attention", model=m, dtype="bf16", impl=i) for i in fused]
-  for d in ("bf16", "fp32"):
-    out += [dict(section="circulant", model="augvit", dtype=d, circulant=c) for c in ("fft", "dense")]
-  out += [dict(section="attention", model="deit", dtype="fp32", impl=i) for i in ("explicit", "xla")]
-  out += [dict(section="attention", model="cait_xxs24", dtype="bf16", impl=i) for i in fused[1:]]
+  # Accelerators: the bf16 comparisons first (what decides the defaults), each model's fused row doubling as
+  # its throughput row; then fp32 and the rest. The budget cuts from the end.
+  att = lambda m, d, impls: [dict(section="attention", model=m, dtype=d, impl=i) for i in impls]
+  circ = lambda d: [dict(section="circulant", model="augvit", dtype=d, circulant=c) for c in ("fft", "dense")]
+  out = att("deit", "bf16", fused[::-1]) + circ("bf16") + att("shunted_t", "bf16", fused[::-1])
+  out += att("evit_0.7", "bf16", fused[::-1])
+  out += att("deit", "fp32", ["xla"])
+  out += [dict(section="throughput", model=m, dtype=d)
+          for m, d in (("shunted_t", "fp32"), ("evit_0.7", "fp32"), ("cait_xxs24", "bf16"),
+                       ("cait_xxs24", "fp32"))]
+  out += circ("fp32") + att("deit", "fp32", ["explicit"])
+  out += att("cait_xxs24", "bf16", fused[2:])
   return out
 
 
@@ -221,7 +224,7 @@ def kernel_in(text: str) -> str:
 def measure(cfg: dict, args, mem, rng) -> dict:
   """Forward and train step of one configuration: batch, compile times, images/s, kernel in the program."""
   smoke = args.smoke
-  warm, iters, max_s = (0, 1, 0.0) if smoke else (2, 10, 4.0)
+  warm, iters, max_s = (0, 1, 0.0) if smoke else (1, 10, 3.0)
   out = {}
   for what in cfg.get("what", ("fwd", "train")):
     batch = batch_for(cfg["model"], what == "train", mem, smoke)
@@ -296,7 +299,7 @@ def run(args) -> dict:
   rng = np.random.default_rng(0)
   flops_cache: dict = {}
   for cfg in plan(args.smoke, backend):
-    if cfg["model"] in args.skip_models:
+    if cfg["model"] in args.skip_models or (args.sections and cfg["section"] not in args.sections):
       continue
     elapsed = time.perf_counter() - t_start
     if elapsed > args.budget_s:
@@ -428,7 +431,8 @@ def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--smoke", action="store_true", help="tiny models, batch 2, one call each (CPU, seconds)")
   p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>; --smoke: none)")
-  p.add_argument("--budget-s", type=float, default=420.0, help="skip configurations started after this many s")
+  p.add_argument("--budget-s", type=float, default=400.0, help="skip configurations started after this many s")
+  p.add_argument("--sections", nargs="*", default=None, help="only these: throughput attention circulant")
   p.add_argument("--skip-models", nargs="*", default=[], help=f"among {' '.join(MODELS)}")
   args = p.parse_args(argv)
   if not args.smoke and jax.default_backend() == "cpu":
