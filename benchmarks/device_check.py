@@ -47,6 +47,7 @@ from flax import nnx  # noqa: E402
 
 import vit_jax_fix  # noqa: E402
 from vit_jax_fix.models import attention  # noqa: E402
+from train_step import functional_train_step  # noqa: E402  (benchmarks/, the script's folder)
 
 # Dense peak FLOP/s per chip by device_kind (substring match, first hit), from the vendors' data sheets:
 # bf16 tensor cores / MXU without sparsity; 'fp32' is what an fp32 matmul runs at under XLA's default precision
@@ -179,17 +180,7 @@ def image_shape(model, batch: int) -> tuple:
   return (batch, h, w, 3)
 
 
-def train_step_fn(graphdef, tx):
-  def train_step(params, rest, opt_state, x, y):
-    def loss_fn(p, r):
-      m = nnx.merge(graphdef, p, jax.tree.map(lambda a: a, r))
-      logits = m(x)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
-      return loss, nnx.state(m, nnx.Not(nnx.Param))
-    (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_rest, opt_state, loss
-  return train_step
+train_step_fn = functional_train_step      # benchmarks/train_step.py, the step speed.py times
 
 
 def flops_per_image(cfg: dict, smoke: bool, train: bool = True) -> dict:

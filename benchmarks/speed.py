@@ -195,18 +195,8 @@ def jax_worker(job: dict) -> dict:
   tx = optax.adamw(1e-4, weight_decay=0.05)
   opt_state = tx.init(params)
 
-  def train_step(params, rest, opt_state, x, y):
-    def loss_fn(p, r):
-      # Merged inside the differentiated trace, so BatchNorm can update: `r` is not differentiated, so its
-      # Variables would belong to the outer (jit) trace and nnx refuses to mutate them here; tree.map rebuilds
-      # them in this trace (free: same arrays).
-      m = nnx.merge(graphdef, p, jax.tree.map(lambda a: a, r))
-      logits = m(x)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
-      return loss, nnx.state(m, nnx.Not(nnx.Param))
-    (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_rest, opt_state, loss
+  from train_step import functional_train_step   # benchmarks/ is on sys.path
+  train_step = functional_train_step(graphdef, tx)
 
   step = jax.jit(train_step, donate_argnums=(0, 1, 2))
   t0 = time.perf_counter()

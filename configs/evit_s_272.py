@@ -15,22 +15,12 @@ Demo (CPU; run configs/deit_s.py:demo first, at 28 px):
   python main.py --config configs/evit_s_272.py:demo --workdir /tmp/evit_s_272_demo
 fine-tunes the DeiT demo model at 42 px (36 patches instead of 16) with keep rate 0.7 at blocks 2 and 4.
 """
-from configs import common
+from configs import common, evit_s
 
 
 def get_config(arg: str = ""):
-  c = common.paper_base()
-  c.model.name = "deit_small_patch16_shrink_base"
-  c.model.overrides.drop_path_rate = 0.1
+  c = evit_s.get_config("finetune")        # EViT's fine-tuning recipe, at 272 px
   c.data.image_size = 272
-  c.batch_size = 2048
-  c.num_epochs = 30
-  c.optimizer.lr = 2e-5
-  c.optimizer.weight_decay = 1e-6
-  c.schedule.warmup_epochs = 0
-  c.schedule.min_lr = 2e-6
-  c.train_mode = False
-  c.ema.evaluate = False
   if arg == "demo":
     c = common.finetune_demo(c, dict(keep_rate=0.7, keep_rate_blocks=(2, 4), fuse_token=True), image_size=42,
                              source="/tmp/deit_s_demo")

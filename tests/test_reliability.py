@@ -29,6 +29,7 @@ from vit_jax_fix.train import checkpoint as ckpt
 from vit_jax_fix.train import finetune
 from tests import fake_gcs
 from tests import train_configs
+from tests.train_configs import logged_step
 from tests.test_train_e2e import _tail
 from vit_jax_fix.train import loop
 from vit_jax_fix.train import metrics as metrics_lib
@@ -335,25 +336,11 @@ def _env(cache):
               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
-def _logged_step(workdir):
-  try:
-    lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
-  except FileNotFoundError:
-    return 0
-  steps = [0]
-  for line in lines:
-    try:
-      steps.append(json.loads(line)["step"])
-    except (ValueError, KeyError):
-      pass                                                   # a line torn by the kill
-  return max(steps)
-
-
 def _run_until(cmd, env, workdir, step, sig):
   """Starts cmd, sends `sig` once metrics.jsonl reaches `step`; returns (returncode, stdout, stderr)."""
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 400
-  while _logged_step(workdir) < step:
+  while logged_step(workdir) < step:
     if proc.poll() is not None:
       out, err = proc.communicate()
       raise AssertionError(f"run ended before step {step}: rc {proc.returncode}\n{_tail(err)}")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from tests.test_train_e2e import ROOT, RUNNER, TINY_CONFIG, _flat
+from tests.train_configs import logged_step
 from vit_jax_fix.train import checkpoint as ckpt
 
 # Trainings in subprocesses with async Orbax saves: keep them on one xdist worker (never concurrent).
@@ -99,23 +100,9 @@ def test_two_processes(uninterrupted):
                                                              "measures_vs_depth.png"]
 
 
-def _logged_step(workdir):
-  try:
-    lines = open(workdir / "metrics.jsonl").read().splitlines()
-  except FileNotFoundError:
-    return 0
-  steps = [0]
-  for line in lines:
-    try:
-      steps.append(json.loads(line)["step"])
-    except (ValueError, KeyError):
-      pass                                                   # a line being written
-  return max(steps)
-
-
 def _wait_for_step(procs, workdir, step, deadline_s=400):
   deadline = time.time() + deadline_s
-  while _logged_step(workdir) < step:
+  while logged_step(workdir) < step:
     for p in procs:
       if p.poll() is not None:
         for q in procs:

@@ -1,4 +1,7 @@
 """Tiny in-process training runs on a generated image folder, shared by the trainer tests."""
+import json
+import os
+
 from vit_jax_fix.data import testing as data_testing
 from vit_jax_fix.train import config as C
 
@@ -37,3 +40,18 @@ def folder_config(folder, *, model: str, overrides: dict, **keys):
   c.eval_every_steps = 0
   c.progress_bar = False
   return set_keys(c, **keys)
+
+
+def logged_step(workdir) -> int:
+  """The last step a (running or killed) run wrote to its metrics.jsonl; 0 before the first row."""
+  try:
+    lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+  except FileNotFoundError:
+    return 0
+  steps = [0]
+  for line in lines:
+    try:
+      steps.append(json.loads(line)["step"])
+    except (ValueError, KeyError):
+      pass                                                   # a line being written, or torn by a kill
+  return max(steps)
