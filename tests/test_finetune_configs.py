@@ -1,5 +1,5 @@
 """The fine-tuning configs in their :demo form (tiny widths) from a tiny source model exported as a PyTorch file
-at 28 px: the trainer's set-up and init_from step for DeiT III at a larger grid (pos_embed resized), EViT at a
+at 28 px: the trainer's set-up, init_from step and a first update for DeiT III at a larger grid (pos_embed resized), EViT at a
 larger grid from DeiT weights and transfer with a new head (another class count) and layer decay; a real
 2-step run of the linear probe, whose backbone comes out bit-identical to the source."""
 import jax
@@ -46,7 +46,8 @@ def _mesh():
 ])
 def test_finetune_demo_initialises_from_a_smaller_model(tmp_path, demo_data_dir, module, source, overrides,
                                                         pos_embed, head):
-  """The demo's trainer set-up (model, optimizer with the config's transfer keys) and its init_from step."""
+  """The demo's trainer set-up (model, optimizer with the config's transfer keys), its init_from step and one
+  training update."""
   path, src = _source(tmp_path, *source)
   setup = loop.Setup(_config(module, demo_data_dir, path, **overrides), _mesh())
   state = loop._finetune_init(setup, setup.init_state())
@@ -55,6 +56,11 @@ def test_finetune_demo_initialises_from_a_smaller_model(tmp_path, demo_data_dir,
   np.testing.assert_array_equal(params["blocks"][1]["mlp"]["fc2"]["kernel"], src["blocks"][1]["mlp"]["fc2"]["kernel"])
   if source[1] == 10:
     np.testing.assert_array_equal(params["head"]["kernel"], src["head"]["kernel"])
+  # and it trains: one update of the demo's compiled step (its resolution, keep rates, layer decay) from there
+  state, metrics = loop._train_step(setup, state, next(iter(setup.train_batches(0))), 0)
+  assert np.isfinite(float(metrics["train/loss"]))
+  moved = setup.model_def.per_block(jax.device_get(state["params"]))["blocks"][1]["mlp"]["fc2"]["kernel"]
+  assert not np.array_equal(moved, src["blocks"][1]["mlp"]["fc2"]["kernel"])
 
 
 def test_linear_probe_demo_trains_the_head_only(tmp_path, demo_data_dir):
