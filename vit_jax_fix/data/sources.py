@@ -30,7 +30,7 @@ import warnings
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vit_jax_fix import errors
+from vit_jax_fix import errors, paths
 from vit_jax_fix.data import demo as demo_lib
 
 log = logging.getLogger(__name__)
@@ -326,7 +326,7 @@ def get_builder(cfg):
     return _prepare_locally(ImageFolderBuilder(root=cfg.folder, data_dir=cfg.data_dir,
                                                file_format=prepare_file_format(cfg.get("file_format"))))
   if name == "from_data_dir":
-    if not cfg.data_dir or not os.path.isfile(os.path.join(cfg.data_dir, "dataset_info.json")):
+    if not cfg.data_dir or not (paths.as_path(cfg.data_dir) / "dataset_info.json").is_file():   # gs:// too
       raise DataSourceError(
           f"data.dataset='from_data_dir' needs data.data_dir to be a prepared dataset directory "
           f"(<name>/<config>/<version>/ holding dataset_info.json); got {cfg.data_dir!r}.")
