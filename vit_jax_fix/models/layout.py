@@ -280,6 +280,12 @@ def _key_name(k) -> str:
   return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
 
 
+def path_str(path) -> str:
+  """A jax key path (`jax.tree.map_with_path`) as 'a/b/c': the one spelling of parameter paths that the
+  optimizer masks, sharding rules, checkpoint shape tables and transfer options match against."""
+  return "/".join(_key_name(k) for k in path)
+
+
 def is_stacked_path(path) -> bool:
   """Whether the leaf at `path` belongs to stacked blocks, so that its leading axis is the block axis.
   `path`: a jax key path (`jax.tree.map_with_path`), a tuple of names (nnx), or names joined by '/'

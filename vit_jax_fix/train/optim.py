@@ -84,19 +84,12 @@ def per_epoch_cosine(peak: float, *, warmup_init_lr: float, warmup_epochs: float
   return lr
 
 
-def _path_str(path) -> str:
-  parts = []
-  for k in path:
-    parts.append(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))))
-  return "/".join(parts)
-
-
 def decay_mask(params, exempt=("pos_embed", "cls_token", "dist_token")):
   """True for parameters that get weight decay: ndim > 1 (per block) and no name in `exempt` (regexes)."""
   pats = [re.compile(p) for p in exempt]
 
   def decide(path, x):
-    name = _path_str(path)
+    name = layout.path_str(path)
     return bool(x.ndim - layout.is_stacked_path(path) > 1 and not any(p.search(name) for p in pats))
   return jax.tree.map_with_path(decide, params)
 

@@ -43,8 +43,7 @@ def mesh_from_config(config) -> jax.sharding.Mesh:
   return make_mesh(config.mesh.data, config.mesh.fsdp)
 
 
-def path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+path_str = layout.path_str      # 'a/b/c' of a jax key path (one home: models/layout.py)
 
 
 def fsdp_spec(shape, fsdp_size: int, min_size: int, *, first_axis: int = 0) -> jax.P:

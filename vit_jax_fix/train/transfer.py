@@ -163,7 +163,7 @@ def _per_leaf(values: dict, fn):
 
   def update_fn(updates, state, params=None):
     def one(path, u):
-      v = values.get("/".join(_names(path)))
+      v = values.get(layout.path_str(path))
       return u if masked(u) or v is None else fn(u, v)
     return jax.tree.map_with_path(one, updates, is_leaf=masked), state
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
@@ -195,7 +195,7 @@ def wrap(tx: optax.GradientTransformation, params, *, layer_decay: float = 0.0,
   if not any(v is True for v in frozen.values()):
     return inner
   labels = lambda p: jax.tree.map_with_path(
-      lambda path, _: FROZEN if frozen.get("/".join(_names(path))) is True else TRAIN, p)
+      lambda path, _: FROZEN if frozen.get(layout.path_str(path)) is True else TRAIN, p)
   return optax.multi_transform({TRAIN: inner, FROZEN: optax.set_to_zero()}, labels)
 
 
@@ -205,7 +205,7 @@ def keep_frozen(frozen: dict | None, new, old):
     return new
 
   def one(path, n, o):
-    f = frozen.get("/".join(_names(path)), False)
+    f = frozen.get(layout.path_str(path), False)
     if np.ndim(f):
       return jnp.where(_rows_shape(f, n), o, n)
     return o if f else n
